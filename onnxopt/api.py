@@ -1,0 +1,191 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    model, report = onnxopt.optimize("in.onnx", "out.onnx")
+    stats = onnxopt.inspect("in.onnx")
+    verification = onnxopt.validate("a.onnx", "b.onnx")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt import bench, inputs, io, pipeline, runtime, stats
+from onnxopt import verify as verify_mod
+from onnxopt.verify import Tolerance
+from onnxopt.errors import BadInputError
+from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
+from onnxopt.report import LatencyComparison, Report
+
+__all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds"]
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeOptions:
+    passes: tuple[str, ...] = DEFAULT_PIPELINE  # exact rewrites only unless asked
+    skip: tuple[str, ...] = ()
+    verify: bool = True  # every rewrite is checked against the original unless --no-verify
+    verify_each: bool = False  # check after every pass, not only at the end (slower)
+    inputs: str | None = None  # .npz of real inputs; generated from declared shapes otherwise
+    shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
+    batches: int = 3  # generated batches: more than one, so one lucky input proves nothing
+    seed: int = 0
+    tolerance: Tolerance = Tolerance()
+    bench: tuple[str, ...] = ("cpu",)  # providers to time original vs optimized on; () skips
+    bench_seconds: float = 2.0
+
+
+def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | None]:
+    if isinstance(src, ir.Model):
+        return src, None
+    if isinstance(src, onnx.ModelProto):
+        return ir.serde.deserialize_model(src), None
+    return io.load(src), str(src)
+
+
+def load_feeds(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> list[inputs.Feeds]:
+    if options.inputs:
+        return inputs.load_npz(options.inputs, model)
+    return inputs.generate(model, shapes=options.shapes, batches=options.batches,
+                           seed=options.seed, warnings=notes)
+
+
+def _upgrade_ir(model: ir.Model, notes: list[str]) -> None:
+    """IR < 4 lists every initializer as a graph input, which makes weights overridable, so ORT
+    can neither constant-fold nor pre-pack them. Moving to IR 4 drops those inputs."""
+    if model.ir_version >= 4:
+        return
+    count = sum(1 for v in model.graph.inputs if v.is_initializer())
+    common.RemoveInitializersFromInputsPass()(model)
+    notes.append(f"upgraded IR {model.ir_version} -> 4: {count} initializers are no longer "
+                 "graph inputs, so ONNX Runtime can constant-fold and pre-pack them")
+    model.ir_version = 4
+
+
+def _build_passes(options: OptimizeOptions) -> list[ir.passes.PassBase]:
+    unknown = [n for n in (*options.passes, *options.skip) if n not in REGISTRY]
+    if unknown:
+        raise BadInputError(f"unknown pass {unknown[0]!r}; `onnxopt passes` lists them")
+    return [REGISTRY[name]() for name in options.passes if name not in options.skip]
+
+
+def optimize(
+    src: str | os.PathLike | ir.Model | onnx.ModelProto,
+    dst: str | os.PathLike | None = None,
+    options: OptimizeOptions | None = None,
+    *,
+    feeds: Sequence[inputs.Feeds] | None = None,
+    progress: Progress | None = None,
+) -> tuple[ir.Model, Report]:
+    """Load, rewrite, verify against the original, time both, save; returns (model, report).
+
+    `feeds` (batches of inputs by name) take precedence over `options.inputs`."""
+    options = options or OptimizeOptions()
+    say = progress or (lambda _: None)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    say("loading")
+    model, path = _load(src)
+    original_stats = stats.model_stats(model, path, shapes=options.shapes)
+    notes: list[str] = []
+    _upgrade_ir(model, notes)
+    original = model.clone()  # shares tensors; passes build new ones instead of editing
+    seconds["load"] = time.perf_counter() - start
+
+    checker, verification = None, None
+    if options.verify:
+        say("running the original")
+        feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
+        try:
+            reference = verify_mod.reference_outputs(original, feeds)
+            checker = pipeline.Checker(feeds, reference, options.tolerance)
+        except runtime.RuntimeFailure as error:
+            verification = verify_mod.Verification("skipped", reason=f"original: {error}")
+    passes = _build_passes(options)
+    mark = time.perf_counter()
+    model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
+                                                 verify_each=options.verify_each, on_pass=say)
+    verification = checked or verification
+    seconds["passes + verify"] = time.perf_counter() - mark
+
+    report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
+                    original_stats, original_stats, runs, verification, notes=notes)
+    if options.bench:
+        say("timing original vs optimized")
+        mark = time.perf_counter()
+        bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
+        report.latency = _compare_latency(original, model, bench_feeds, options, notes)
+        seconds["bench"] = time.perf_counter() - mark
+    if dst is not None:
+        say("saving")
+        mark = time.perf_counter()
+        io.save(model, dst, source=path)
+        seconds["save"] = time.perf_counter() - mark
+    report.optimized = stats.model_stats(model, dst, shapes=options.shapes)
+    seconds["total"] = time.perf_counter() - start
+    report.seconds = seconds
+    return model, report
+
+
+def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
+                     options: OptimizeOptions, notes: list[str]) -> list[LatencyComparison]:
+    rows = []
+    for ep in options.bench:
+        try:
+            with runtime.model_session(original, ep=ep) as a, runtime.model_session(model, ep=ep) as b:
+                before, after = bench.measure([a, b], feeds, ep=ep, seconds=options.bench_seconds)
+        except runtime.RuntimeFailure as error:
+            notes.append(f"timing on {ep} skipped: {error}")
+            continue
+        ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
+        row = LatencyComparison(ep, before, after, ratio, low, high)
+        if row.is_slower:
+            notes.append(f"the optimized model ran slower on {ep} ({ratio:.2f}x the original's "
+                         f"median, 95% CI {low:.2f}-{high:.2f}); keep the original there")
+        rows.append(row)
+    return rows
+
+
+def inspect(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None = None):
+    """Op histogram, parameters, bytes, I/O and MACs of one model file."""
+    return stats.model_stats(io.load(path), path, shapes=shapes)
+
+
+def validate(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    inputs_file: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batches: int = 3,
+    seed: int = 0,
+    tolerance: Tolerance = Tolerance(),
+) -> verify_mod.Verification:
+    """Run both models on the same inputs and compare every output (a is the reference)."""
+    model_a, model_b = io.load(a), io.load(b)
+    names_a = sorted(s.name for s in inputs.input_specs(model_a))
+    names_b = sorted(s.name for s in inputs.input_specs(model_b))
+    if names_a != names_b:
+        raise BadInputError(f"{b}: inputs {names_b} differ from {a}'s {names_a}")
+    options = OptimizeOptions(inputs=inputs_file, shapes=dict(shapes or {}), batches=batches,
+                              seed=seed)
+    feeds = load_feeds(model_a, options, [])
+    reference = verify_mod.reference_outputs(model_a, feeds)
+    return verify_mod.verify(model_b, reference, feeds, tolerance)
+
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "data" / "digits_resnet.onnx"
+
+
+def default_samples_path() -> Path:
+    return Path(__file__).parent / "data" / "digits_samples.npz"

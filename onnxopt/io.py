@@ -1,0 +1,158 @@
+"""Load and save models: lazy external data on the way in, atomic writes on the way out.
+
+Loading never modifies the input and keeps external weights memory-mapped (onnx-ir's
+`ExternalTensor`). Saving writes into a temporary folder beside the destination and renames into
+place, so a crash never leaves a half-written model; it switches to external data by itself when
+the weights would not fit under protobuf's 2 GiB limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import BadInputError
+
+__all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "PROTOBUF_LIMIT"]
+
+logger = logging.getLogger(__name__)
+
+# protobuf refuses messages over 2 GiB; keep room for the graph itself beside the weights.
+PROTOBUF_LIMIT = 2**31
+EXTERNAL_DATA_THRESHOLD = int(PROTOBUF_LIMIT * 0.9)
+# Tensors smaller than this stay inline even in external-data mode (scalars, shapes).
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Read a model, checking everything a user can get wrong before any pass sees it."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory, expected an .onnx model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, or onnx's own format errors
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadInputError(
+            f"{path}: not a readable ONNX model ({reason}); is the file truncated or not ONNX?"
+        ) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise BadInputError(f"{path}: not an ONNX model (no ir_version or no graph in the file)")
+    if len(proto.graph.node) == 0:
+        raise BadInputError(f"{path}: the graph has no nodes; there is nothing to optimize or run")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise BadInputError(f"{path}: fails the ONNX checker: {first}") from None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Refuse missing files and locations that escape the model's folder (path traversal)."""
+    base = path.parent.resolve()
+    for tensor in iter_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = tensor.location
+        where = f"{path}: external data of tensor {tensor.name!r}"
+        if os.path.isabs(location):
+            raise BadInputError(f"{where} has an absolute location {location!r}; refused")
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise BadInputError(f"{where} escapes the model's folder ({location!r}); refused")
+        if not target.is_file():
+            raise BadInputError(f"{where} is missing: no file {location!r} beside the model")
+        if target.stat().st_size < tensor.offset + tensor.length:
+            raise BadInputError(f"{where}: file {location!r} is shorter than the tensor needs")
+
+
+def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every initializer and Constant-node tensor, in every graph and subgraph."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    yield attr.as_tensor()
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(tensor.nbytes for tensor in iter_tensors(model))
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """The external-data files the model's tensors read from (resolved)."""
+    return {
+        Path(tensor.path).resolve()
+        for tensor in iter_tensors(model)
+        if isinstance(tensor, ir.ExternalTensor)
+    }
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
+) -> Path:
+    """Write `model` to `path` atomically; returns the external-data file or `path` itself.
+
+    External data is used when the input had it (its tensors are memory-mapped from the input's
+    file and must be copied out) or when the weights pass ~90% of protobuf's 2 GiB limit.
+    """
+    path = Path(path)
+    _refuse_overwriting_input(model, path, source)
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path}: the output folder {str(path.parent)!r} does not exist")
+    is_external = bool(external_files(model)) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{path.name}.data" if is_external else None
+    if data_name and (path.parent / data_name).resolve() in external_files(model):
+        raise BadInputError(
+            f"{path}: would overwrite {data_name!r}, which the input model reads its weights "
+            "from; choose another output name"
+        )
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
+    try:
+        ir.save(
+            model,
+            tmpdir / path.name,
+            external_data=data_name,
+            size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+            callback=callback,
+        )
+        if data_name:
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _refuse_overwriting_input(model: ir.Model, path: Path, source: str | os.PathLike | None):
+    if source is None:
+        return
+    source = Path(source)
+    if path.resolve() == source.resolve() or (
+        path.exists() and source.exists() and os.path.samefile(path, source)
+    ):
+        raise BadInputError(
+            f"{path}: output path is the input file; the input is never modified, "
+            "choose another -o"
+        )

@@ -1,0 +1,137 @@
+"""Run passes in order, verify, and revert what breaks.
+
+With `verify_each`, every pass that changed the model is checked against the original's outputs
+right away, and an exact pass that breaks the tolerance (or the ONNX checker, or crashes) is
+undone: the model from before it is kept and the pipeline goes on. Without it, the whole pipeline
+is checked once at the end; if that fails, it is replayed from the start with per-pass checks so
+the culprit is found and reverted. Snapshots are `Model.clone()`s, which share tensors, so they
+cost graph bookkeeping, not weight memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt import verify as verify_mod
+from onnxopt.inputs import Feeds
+from onnxopt.passes import PassReport
+
+__all__ = ["PassRun", "Checker", "run_pipeline", "upgrade_opset"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassRun:
+    name: str
+    modified: bool = False
+    reverted: bool = False
+    reason: str = ""  # why it was reverted
+    log: list[str] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Checker:
+    """What "still correct" means for this run: the original's outputs on fixed inputs."""
+
+    feeds: Sequence[Feeds]
+    reference: Sequence[dict]
+    tolerance: verify_mod.Tolerance = verify_mod.Tolerance()
+
+    def __call__(self, model: ir.Model) -> verify_mod.Verification:
+        problem = _checker_problem(model)
+        if problem:
+            return verify_mod.Verification("failed", reason=f"ONNX checker: {problem}")
+        return verify_mod.verify(model, self.reference, self.feeds, self.tolerance)
+
+
+def run_pipeline(
+    model: ir.Model,
+    passes: Sequence[ir.passes.PassBase],
+    *,
+    checker: Checker | None,
+    verify_each: bool = False,
+    on_pass: Callable[[str], None] | None = None,
+) -> tuple[ir.Model, list[PassRun], verify_mod.Verification | None]:
+    """Apply `passes` to `model` (in place where possible).
+
+    Returns the model to keep, what each pass did, and the kept model's verification (None
+    without a checker)."""
+    if checker is None:
+        model, runs = _run(model, passes, None, on_pass)
+        return model, runs, None
+    original = None if verify_each else model.clone()
+    model, runs = _run(model, passes, checker if verify_each else None, on_pass)
+    verification = checker(model)
+    if original is not None and not verification.passed:
+        logger.info("final verification failed; replaying with per-pass verification")
+        model, runs = _run(original, passes, checker, on_pass)
+        verification = checker(model)
+    return model, runs, verification
+
+
+def _run(model, passes, checker, on_pass) -> tuple[ir.Model, list[PassRun]]:
+    runs = []
+    for pass_ in passes:
+        name = getattr(pass_, "name", type(pass_).__name__)
+        if on_pass:
+            on_pass(name)
+        snapshot = model.clone() if checker is not None else None
+        run = PassRun(name)
+        start = time.perf_counter()
+        try:
+            result = pass_(model)
+        except Exception as error:  # a pass bug must not cost the user their model
+            root = _root_cause(error)
+            logger.debug("pass %s crashed", name, exc_info=True)
+            run.seconds = time.perf_counter() - start
+            if snapshot is None:
+                raise
+            run.reverted, run.reason = True, f"crashed: {root}"
+            runs.append(run)
+            model = snapshot
+            continue
+        run.seconds = time.perf_counter() - start
+        model = result.model
+        run.modified = result.modified
+        if isinstance(result, PassReport):
+            run.log, run.counts = list(result.log), dict(result.counts)
+        if checker is not None and run.modified:
+            verification = checker(model)
+            if not verification.passed and not getattr(pass_, "lossy", False):
+                run.reverted, run.reason = True, verification.worst()
+                model = snapshot
+        runs.append(run)
+    return model, runs
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _checker_problem(model: ir.Model) -> str:
+    # CheckerPass hides large initializers from the C++ checker, so models over 2 GB work.
+    try:
+        common.CheckerPass()(model)
+    except Exception as error:  # PassError wrapping onnx's ValidationError
+        return _root_cause(error)
+    return ""
+
+
+def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
+    """onnx's version converter, for a pass that needs a newer opset than the model has."""
+    from onnx import version_converter
+
+    proto = version_converter.convert_version(ir.to_proto(model), target)
+    return ir.serde.deserialize_model(proto)

@@ -1,0 +1,209 @@
+"""The Report: one dataclass for everything a run found, rendered as one rich table or as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onnxopt.bench import Latency
+from onnxopt.pipeline import PassRun
+from onnxopt.stats import ModelStats
+from onnxopt.verify import Verification
+
+__all__ = ["Report", "LatencyComparison", "render", "write_json", "render_stats"]
+
+
+@dataclasses.dataclass
+class LatencyComparison:
+    ep: str
+    original: Latency
+    optimized: Latency
+    ratio: float  # optimized p50 / original p50: below 1 is faster
+    ratio_low: float
+    ratio_high: float
+
+    @property
+    def is_slower(self) -> bool:
+        """Slower beyond noise: the whole 95% interval of the ratio is above 1."""
+        return self.ratio_low > 1.0
+
+
+@dataclasses.dataclass
+class Report:
+    source: str
+    destination: str | None
+    original: ModelStats
+    optimized: ModelStats
+    passes: list[PassRun] = dataclasses.field(default_factory=list)
+    verification: Verification | None = None
+    latency: list[LatencyComparison] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # upgrades, guesses, warnings
+    # Task metrics, original then optimized: {"digits top-1 (256 samples)": [0.98, 0.98]}.
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for row in data["latency"]:  # raw timings make the JSON huge and say little
+            row["original"].pop("times_ms", None)
+            row["optimized"].pop("times_ms", None)
+        return _finite(data)
+
+
+def _finite(data):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    return data
+
+
+def write_json(report: Report, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.as_dict(), indent=2))
+    os.replace(tmp, path)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _change(before: float | None, after: float | None, *, fmt=_size, lower_is_better=True) -> str:
+    if before is None or after is None or before == after:
+        return "" if before == after else "-"
+    delta = after - before
+    pct = f" ({delta / before:+.1%})" if before else ""
+    text = ("+" if delta > 0 else "-") + fmt(abs(delta)) + pct
+    is_better = (delta < 0) == lower_is_better
+    return f"[green]{text}[/green]" if is_better else f"[red]{text}[/red]"
+
+
+def _count(n) -> str:
+    return f"{n:,}"
+
+
+def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
+    a, b = report.original, report.optimized
+    table = Table(title=f"onnxopt: {report.source} -> {report.destination or '(not saved)'}")
+    for column in ("", "original", "optimized", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("[bold]model", "", "", "")
+    table.add_row("opset / IR", f"{a.opset} / {a.ir_version}", f"{b.opset} / {b.ir_version}", "")
+    table.add_row("nodes", _count(a.nodes), _count(b.nodes), _change(a.nodes, b.nodes, fmt=_count))
+    table.add_row("parameters", _count(a.parameters), _count(b.parameters),
+                  _change(a.parameters, b.parameters, fmt=_count))
+    table.add_row("weight bytes", _size(a.weight_bytes), _size(b.weight_bytes),
+                  _change(a.weight_bytes, b.weight_bytes))
+    table.add_row("file size", _size(a.file_bytes), _size(b.file_bytes),
+                  _change(a.file_bytes, b.file_bytes))
+    for label, xs, ys in (("inputs", a.inputs, b.inputs), ("outputs", a.outputs, b.outputs)):
+        table.add_row(label, "\n".join(map(str, xs)), "\n".join(map(str, ys)), "")
+    _ops_rows(table, a, b, all_ops)
+    _accuracy_rows(table, report.verification)
+    for name, (before, after) in report.metrics.items():
+        table.add_row(name, f"{before:.2%}", f"{after:.2%}",
+                      _change(before, after, fmt=lambda v: f"{v:.2%}", lower_is_better=False))
+    _latency_rows(table, report.latency)
+    table.add_row("[bold]time", "", "", "")
+    for step, seconds in report.seconds.items():
+        table.add_row(step, "", f"{seconds:.2f} s", "")
+    console.print(table)
+    for run in report.passes:
+        console.print(_pass_line(run))
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def _ops_rows(table: Table, a: ModelStats, b: ModelStats, all_ops: bool) -> None:
+    names = sorted(set(a.ops) | set(b.ops))
+    shown = [n for n in names if all_ops or a.ops.get(n, 0) != b.ops.get(n, 0)]
+    table.add_row("[bold]ops" + ("" if all_ops else " (changed)"), "", "", "")
+    for name in shown:
+        x, y = a.ops.get(name, 0), b.ops.get(name, 0)
+        table.add_row(name, str(x), str(y), _change(x, y, fmt=_count))
+
+
+def _accuracy_rows(table: Table, verification: Verification | None) -> None:
+    table.add_row("[bold]accuracy vs original", "", "", "")
+    if verification is None or verification.status == "skipped":
+        reason = verification.reason if verification else "verification off (--no-verify)"
+        table.add_row("verification", "", f"[yellow]skipped[/yellow]: {reason}", "")
+        return
+    colour = "green" if verification.passed else "red"
+    table.add_row("verification", f"{verification.batches} batches",
+                  f"[{colour}]{verification.status}[/{colour}]", verification.reason)
+    for out in verification.outputs:
+        table.add_row(f"{out.name}: max abs", "", f"{out.max_abs:.3g}", "")
+        table.add_row(f"{out.name}: cosine", "", f"{out.cosine:.6f}", "")
+        sqnr = "exact" if math.isinf(out.sqnr_db) and out.sqnr_db > 0 else f"{out.sqnr_db:.1f} dB"
+        table.add_row(f"{out.name}: SQNR", "", sqnr, out.reason)
+
+
+def _latency_rows(table: Table, latency: list[LatencyComparison]) -> None:
+    if not latency:
+        return
+    table.add_row("[bold]latency", "", "", "")
+    for row in latency:
+        o, n = row.original, row.optimized
+        table.add_row(f"{row.ep} p50", f"{o.p50_ms:.3f} ms", f"{n.p50_ms:.3f} ms",
+                      _change(o.p50_ms, n.p50_ms, fmt=lambda v: f"{v:.3f} ms"))
+        table.add_row(f"{row.ep} p90", f"{o.p90_ms:.3f} ms", f"{n.p90_ms:.3f} ms",
+                      _change(o.p90_ms, n.p90_ms, fmt=lambda v: f"{v:.3f} ms"))
+        speedup = 1.0 / row.ratio
+        colour = "red" if row.is_slower else "green" if row.ratio_high < 1.0 else "default"
+        table.add_row(f"{row.ep} speedup", "", f"[{colour}]{speedup:.2f}x[/{colour}]",
+                      f"95% CI {1 / row.ratio_high:.2f}-{1 / row.ratio_low:.2f}x, "
+                      f"{o.runs} runs each")
+
+
+def _pass_line(run: PassRun) -> str:
+    if run.reverted:
+        return f"[red]{run.name:16}[/red] reverted: {run.reason}"
+    if not run.modified:
+        return f"{run.name:16} no change"
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(run.counts.items()) if k != "refused")
+    refused = [line for line in run.log if line.startswith("kept ")]
+    text = f"[green]{run.name:16}[/green] {counts}"
+    if refused:
+        text += f"; {len(refused)} refused ({refused[0]}{', ...' if len(refused) > 1 else ''})"
+    return text
+
+
+def render_stats(stats: ModelStats, path: str, console: Console) -> None:
+    """`onnxopt inspect`: one model's table."""
+    table = Table(title=f"onnxopt inspect: {path}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_row("opset / IR", f"{stats.opset} / {stats.ir_version}", "")
+    for domain, version in stats.opsets.items():
+        if domain not in ("", "ai.onnx"):
+            table.add_row(f"opset {domain}", str(version), "")
+    table.add_row("nodes", _count(stats.nodes), "")
+    table.add_row("parameters", _count(stats.parameters), "")
+    table.add_row("weight bytes", _size(stats.weight_bytes), "")
+    table.add_row("file size", _size(stats.file_bytes), "")
+    table.add_row("inputs", "\n".join(map(str, stats.inputs)), "")
+    table.add_row("outputs", "\n".join(map(str, stats.outputs)), "")
+    total = sum(stats.macs.values())
+    table.add_row("[bold]ops", "", f"{total / 1e6:,.1f} M" + (" (partial)" if stats.macs_partial else ""))
+    for op, count in sorted(stats.ops.items(), key=lambda kv: -kv[1]):
+        macs = stats.macs.get(op)
+        table.add_row(op, str(count), f"{macs / 1e6:,.2f} M" if macs else "")
+    console.print(table)

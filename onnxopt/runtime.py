@@ -1,0 +1,105 @@
+"""ONNX Runtime sessions: one place that imports onnxruntime, picks providers and runs models."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import io
+from onnxopt.errors import BadInputError, OnnxoptError
+
+__all__ = ["onnxruntime", "make_session", "run", "model_session", "PROVIDERS", "RuntimeFailure"]
+
+logger = logging.getLogger(__name__)
+
+# CLI short names -> ORT provider names, and the pip package that brings each one.
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnxopt[cpu] (onnxruntime)"),
+    "cuda": ("CUDAExecutionProvider", "onnxopt[gpu] (onnxruntime-gpu) and a CUDA GPU"),
+    "tensorrt": ("TensorrtExecutionProvider", "onnxruntime-gpu built with TensorRT, and TensorRT"),
+}
+# Models whose serialized size passes this go to ORT through a temporary file, not bytes.
+_BYTES_LIMIT = 1 << 30
+
+
+class RuntimeFailure(OnnxoptError):
+    """ONNX Runtime could not load or run a model (an op it lacks, a shape error...)."""
+
+    exit_code = 2
+
+
+def onnxruntime():
+    """The onnxruntime module, or a one-line error naming the extra that installs it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BadInputError(
+            "onnxruntime is not installed: pip install 'onnxopt[cpu]' "
+            "(or 'onnxopt[gpu]' for CUDA; never both)"
+        ) from None
+    return ort
+
+
+def make_session(
+    model: str | os.PathLike | bytes,
+    *,
+    ep: str = "cpu",
+    optimize: bool = True,
+    threads: int = 0,
+):
+    """An InferenceSession with intra-op spinning off (spinning threads distort shared machines)."""
+    ort = onnxruntime()
+    name, package = PROVIDERS[ep]
+    if name not in ort.get_available_providers():
+        raise BadInputError(f"execution provider {ep!r} is not available: install {package}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(model, os.PathLike):
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=[name])
+    except Exception as error:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+
+
+@contextlib.contextmanager
+def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
+    """A session for an in-memory model; large or external-data models go through a temp file."""
+    if io.external_files(model) or io.weight_bytes(model) > _BYTES_LIMIT:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-run-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            io.save(model, path)
+            yield make_session(path, **kwargs)
+    else:
+        yield make_session(ir.to_proto(model).SerializeToString(), **kwargs)
+
+
+def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """Run once; outputs by name. Feeds for inputs the session does not take are dropped."""
+    names = {i.name for i in session.get_inputs()}
+    try:
+        values = session.run(None, {k: v for k, v in feeds.items() if k in names})
+    except Exception as error:
+        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_first_line(error)}") from None
+    return {o.name: v for o, v in zip(session.get_outputs(), values)}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    # ORT prefixes messages with "[ONNXRuntimeError] : 1 : FAIL : "; keep the reason.
+    text = text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,150 @@
+"""Run two models on the same inputs in ONNX Runtime CPU and compare every output.
+
+Metrics per output, worst over all batches:
+    max_abs = max |a - b|            max_rel = max |a - b| / (|a| + atol)
+    cosine  = <a, b> / (|a| |b|)      sqnr    = 10 log10( sum a^2 / sum (a - b)^2 )  [dB]
+where a is the reference. An output is close when |a - b| <= atol + rtol |a| everywhere (NaN equal
+to NaN), the rule of numpy.isclose. Integer and bool outputs must be equal.
+
+Both models run with ORT's graph optimizations off, so ORT's own fusions cannot hide (or cause)
+a difference: we compare the graphs as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+from onnxopt.inputs import Feeds
+
+__all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "verify", "compare"]
+
+Outputs = dict[str, object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float = 1e-4  # exact rewrites still reorder float sums; 1e-4 leaves room for that only
+    atol: float = 1e-5
+
+
+@dataclasses.dataclass
+class OutputError:
+    name: str
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    sqnr_db: float = math.inf
+    is_close: bool = True
+    reason: str = ""  # why not close, when it is a shape or dtype difference
+
+
+@dataclasses.dataclass
+class Verification:
+    status: str  # "passed", "failed" or "skipped"
+    reason: str = ""
+    outputs: list[OutputError] = dataclasses.field(default_factory=list)
+    batches: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def worst(self) -> str:
+        """One line: the output furthest from the reference."""
+        if not self.outputs:
+            return self.reason
+        bad = max(self.outputs, key=lambda o: (not o.is_close, o.max_abs))
+        return f"{bad.name}: max abs {bad.max_abs:.3g}, cosine {bad.cosine:.6f}" + (
+            f" ({bad.reason})" if bad.reason else ""
+        )
+
+
+def reference_outputs(model: ir.Model, feeds: Sequence[Feeds]) -> list[Outputs]:
+    """Outputs of `model` for every batch; raises RuntimeFailure when ORT cannot run it."""
+    with runtime.model_session(model, optimize=False) as session:
+        return [runtime.run(session, batch) for batch in feeds]
+
+
+def verify(
+    model: ir.Model,
+    reference: Sequence[Outputs],
+    feeds: Sequence[Feeds],
+    tolerance: Tolerance = Tolerance(),
+) -> Verification:
+    try:
+        outputs = reference_outputs(model, feeds)
+    except runtime.RuntimeFailure as error:
+        return Verification("failed", reason=str(error), batches=len(feeds))
+    errors = compare(reference, outputs, tolerance)
+    status = "passed" if all(e.is_close for e in errors) else "failed"
+    return Verification(status, outputs=errors, batches=len(feeds))
+
+
+def compare(
+    reference: Sequence[Outputs], outputs: Sequence[Outputs], tolerance: Tolerance = Tolerance()
+) -> list[OutputError]:
+    """Per-output metrics, worst over batches, matched by output position then name."""
+    errors: dict[str, OutputError] = {}
+    for ref_batch, got_batch in zip(reference, outputs):
+        for (name, ref), got in zip(ref_batch.items(), got_batch.values()):
+            error = _compare_one(name, _flat(ref), _flat(got), tolerance)
+            errors[name] = _worse(errors.get(name), error)
+    return list(errors.values())
+
+
+def _flat(value) -> np.ndarray:
+    """Sequence and optional outputs come back from ORT as lists: compare their elements."""
+    if value is None:
+        return np.zeros((0,), dtype=np.float32)
+    if isinstance(value, list):
+        parts = [np.asarray(v).ravel() for v in value]
+        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float32)
+    return np.asarray(value)
+
+
+def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputError:
+    if ref.shape != got.shape:
+        return OutputError(
+            name, math.inf, math.inf, 0.0, -math.inf, False,
+            f"shape {list(got.shape)} instead of {list(ref.shape)}",
+        )
+    if not np.issubdtype(ref.dtype, np.floating):
+        is_equal = bool(np.array_equal(ref, got))
+        diff = 0.0 if is_equal else float(np.max(np.abs(ref.astype(np.float64) - got)))
+        return OutputError(name, diff, diff, 1.0 if is_equal else 0.0,
+                           math.inf if is_equal else -math.inf, is_equal)
+    a = ref.astype(np.float64).ravel()
+    b = got.astype(np.float64).ravel()
+    is_close = bool(np.all(np.isclose(b, a, rtol=tol.rtol, atol=tol.atol, equal_nan=True)))
+    finite = np.isfinite(a) & np.isfinite(b)
+    diff = np.abs(a[finite] - b[finite])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if np.any(np.isnan(a) != np.isnan(b)):
+        max_abs = math.inf
+    max_rel = float((diff / (np.abs(a[finite]) + tol.atol)).max()) if diff.size else 0.0
+    norm = np.linalg.norm(a[finite]) * np.linalg.norm(b[finite])
+    cosine = float(np.dot(a[finite], b[finite]) / norm) if norm > 0 else float(max_abs == 0)
+    noise = float(np.sum(diff**2))
+    signal = float(np.sum(a[finite] ** 2))
+    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return OutputError(name, max_abs, max_rel, cosine, sqnr, is_close)
+
+
+def _worse(old: OutputError | None, new: OutputError) -> OutputError:
+    if old is None:
+        return new
+    return OutputError(
+        new.name,
+        max(old.max_abs, new.max_abs),
+        max(old.max_rel, new.max_rel),
+        min(old.cosine, new.cosine),
+        min(old.sqnr_db, new.sqnr_db),
+        old.is_close and new.is_close,
+        old.reason or new.reason,
+    )

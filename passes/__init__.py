@@ -1,0 +1,24 @@
+"""The pass registry: CLI id -> pass class, one line per pass (CLI choices come from here)."""
+
+from __future__ import annotations
+
+from onnxopt.passes._report import PassReport
+from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
+from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
+
+__all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
+__all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions"]
+
+REGISTRY = {
+    CleanupPass.name: CleanupPass,
+    FoldBatchNormPass.name: FoldBatchNormPass,
+}
+
+# What `onnxopt optimize` runs with no pass flags: exact rewrites only.
+DEFAULT_PIPELINE = ("cleanup", "fold-batchnorm")
+
+
+def describe_passes() -> list[tuple[str, bool, str]]:
+    """(name, lossy, one-line description) for every registered pass."""
+    return [(name, cls.lossy, (cls.__doc__ or "").strip().splitlines()[0])
+            for name, cls in REGISTRY.items()]

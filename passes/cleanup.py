@@ -1,0 +1,114 @@
+"""cleanup: the exact housekeeping every exported graph needs, mostly onnx-ir's own passes.
+
+Steps, in order (each counted and logged by the nodes and initializers it removed):
+  1. Constant nodes holding tensors become initializers (Paddle and TF exports keep every weight
+     in a Constant node; later passes and ORT's pre-packing look at initializers).
+  2. Inference Dropout becomes Identity: always for opset < 12, and for opset >= 12 when
+     `training_mode` is absent or constant false. Refused when its `mask` output is used.
+  3. Identity nodes are removed (onnx-ir IdentityEliminationPass).
+  4. Constant folding (onnxscript's folder) with a size limit, so that ConstantOfShape, Tile or
+     Expand never materialise a huge tensor in the file.
+  5. Dead nodes, unused and duplicate initializers are removed; nodes are sorted topologically.
+Nothing here changes a value: the graph computes the same function bit for bit, except that
+folded constants are computed by the reference evaluator instead of ORT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript import optimizer
+
+from onnxopt.passes._graph import all_graphs, constant, describe, opset_version
+from onnxopt.passes._report import PassReport
+
+__all__ = ["CleanupPass", "CleanupOptions"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanupOptions:
+    fold_constants: bool = True  # shape subgraphs of exports are constant; ORT re-folds them per load
+    # Largest tensor (elements) constant folding may write into the file: 1 Mi floats = 4 MB.
+    # ConstantOfShape/Tile/Expand outputs over this stay as ops so the file does not balloon.
+    fold_output_limit: int = 1 << 20
+    # Largest input (elements) the folder evaluates; weights are larger and need no folding.
+    fold_input_limit: int = 1 << 16
+    deduplicate_limit: int = 1 << 30  # hashed comparison keeps memory flat, so no need to be shy
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    """Lift Constant weights, drop inference Dropout/Identity, fold constants, remove dead code."""
+
+    name = "cleanup"
+    lossy = False
+
+    def __init__(self, options: CleanupOptions | None = None):
+        super().__init__()
+        self.options = options or CleanupOptions()
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = PassReport(model, modified=False)
+        _counted(report, model, "Constant lifted",
+                 common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
+        _replace_inference_dropout(model, report)
+        _counted(report, model, "removed", common.IdentityEliminationPass())
+        if self.options.fold_constants:
+            _counted(report, model, "folded", optimizer.constant_folding.FoldConstantsPass(
+                shape_inference=False,
+                input_size_limit=self.options.fold_input_limit,
+                output_size_limit=self.options.fold_output_limit,
+            ))
+        _counted(report, model, "removed", common.RemoveUnusedNodesPass())
+        _counted(report, model, "removed", common.RemoveUnusedFunctionsPass())
+        _counted(report, model, "merged",
+                 common.DeduplicateHashedInitializersPass(self.options.deduplicate_limit))
+        _counted(report, model, "removed", common.RemoveUnusedNodesPass())
+        common.TopologicalSortPass()(model)  # order only; not a change worth reporting
+        return report
+
+
+def _counted(report: PassReport, model: ir.Model, verb: str, step: ir.passes.PassBase) -> None:
+    """Run a library pass and log, by name, every node and initializer it removed."""
+    nodes_before = _nodes(model)
+    inits_before = _initializers(model)
+    step(model)
+    for node in nodes_before - _nodes(model):
+        if verb == "Constant lifted" and node.op_type != "Constant":
+            continue
+        report.change(f"{node.op_type} {verb}", f"{verb} {describe(node)}")
+    for value in inits_before - _initializers(model):
+        report.change(f"initializer {verb}", f"{verb} initializer {value.name!r}")
+
+
+def _nodes(model: ir.Model) -> set[ir.Node]:
+    return {node for graph in all_graphs(model) for node in graph}
+
+
+def _initializers(model: ir.Model) -> set[ir.Value]:
+    return {v for graph in model.graphs() for v in graph.initializers.values()}
+
+
+def _replace_inference_dropout(model: ir.Model, report: PassReport) -> None:
+    """Dropout at inference is the identity; turn it into Identity for step 3 to remove."""
+    for graph in list(all_graphs(model)):
+        for node in list(graph):
+            if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+                continue
+            if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+                report.refuse(f"kept {describe(node)}: its mask output is used")
+                continue
+            if opset_version(graph) >= 12 and len(node.inputs) > 2 and node.inputs[2] is not None:
+                training = constant(node.inputs[2])
+                if training is None or bool(training):
+                    report.refuse(f"kept {describe(node)}: training_mode is not constant false")
+                    continue
+            identity = ir.node("Identity", inputs=[node.inputs[0]], name=node.name)
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [identity], [node.outputs[0]], [identity.outputs[0]]
+            )
+            report.change("Dropout removed", f"removed inference {describe(node)}")

@@ -1,0 +1,200 @@
+"""fold-batchnorm: BatchNormalization into the neighbouring linear op, exactly.
+
+Inference BatchNormalization is the per-channel affine map (channel axis 1)
+    y = s x + t,   s = scale / sqrt(var + epsilon),   t = B - mean s
+computed in float64 and cast once to the weight's dtype. Sites, tried in order per BN:
+  1. after Conv / ConvTranspose (any group, 1-3 D) / Gemm (transB, alpha, beta) / MatMul with a
+     2-D constant weight and rank-2 output (+ its bias Add): W' = s W, b' = s b + t;
+  2. before a Conv whose padding is all zero: W'[m, c] = W[m, c] s[c], b'[m] = b[m] + sum W[m, c] t[c]
+     (with padding the border sees BN's zeros, i.e. x = -t/s, which a Conv cannot reproduce);
+     before a Gemm (transA = 0) or a MatMul on rank-2 input: W' = diag(s) W, bias' += t W;
+  3. otherwise BN becomes Mul + Add on constants (portable, and step 4 may still absorb it).
+  4. Mul / Add / Sub / Div by a per-channel constant after a linear unit fold into it the same way.
+Refused (logged, graph unchanged there): training-mode BN or one whose statistics outputs are
+used; `spatial=0` (opset < 9); non-constant parameters; a linear op whose output has another
+consumer (folding would change what that consumer sees).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt.passes._affine import Unit, find_unit, fold_after, new_initializer, per_channel
+from onnxopt.passes._fold_before import fold_before
+from onnxopt.passes._graph import NameSource, constant, describe, opset_version
+from onnxopt.passes._report import PassReport
+
+__all__ = ["FoldBatchNormPass", "FoldBatchNormOptions"]
+
+logger = logging.getLogger(__name__)
+_ROLES = ("scale", "B", "input_mean", "input_var")
+_AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldBatchNormOptions:
+    fold_before_conv: bool = True  # exact when the Conv has no padding; ORT cannot do it itself
+    to_mul_add: bool = True  # leftover BN as Mul+Add: runs on every backend and may fold later
+    fold_mul_add: bool = True  # step 4; also cleans up after exporters that emit x * s + t
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold BatchNormalization (and per-channel Mul/Add) into Conv/ConvTranspose/Gemm/MatMul."""
+
+    name = "fold-batchnorm"
+    lossy = False
+
+    def __init__(self, options: FoldBatchNormOptions | None = None):
+        super().__init__()
+        self.options = options or FoldBatchNormOptions()
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = PassReport(model, modified=False)
+        for graph in list(model.graphs()):  # functions have no initializers to fold into
+            names = NameSource(graph)
+            for bn in [n for n in graph if _is_onnx(n, "BatchNormalization")]:
+                self._fold_batchnorm(graph, names, bn, report)
+            if self.options.fold_mul_add:
+                _fold_affine_ops(graph, names, report)
+        if report.modified:
+            common.RemoveUnusedNodesPass()(model)  # the weights the folds replaced
+        return report
+
+    def _fold_batchnorm(self, graph, names: NameSource, bn: ir.Node, report: PassReport):
+        affine = _batchnorm_affine(bn, opset_version(graph))
+        if isinstance(affine, str):
+            report.refuse(f"kept {describe(bn)}: {affine}")
+            return
+        scale, shift = affine
+        unit = find_unit(bn.inputs[0])
+        if isinstance(unit, Unit) and unit.channel_axis != 1:
+            unit = f"the output of {describe(unit.node)} is not rank 2, so its channels are not axis 1"
+        if isinstance(unit, Unit) and unit.channels != scale.size:
+            unit = f"{describe(unit.node)} has {unit.channels} channels, BN has {scale.size}"
+        if isinstance(unit, Unit):
+            new_nodes, output = fold_after(graph, names, unit, scale, shift)
+            _replace(graph, [unit.node, unit.bias_add, bn], new_nodes, bn.outputs[0], output)
+            report.change("folded", f"folded {describe(bn)} into {describe(unit.node)}")
+            return
+        why_not_after = unit
+        if self.options.fold_before_conv:
+            folded = fold_before(graph, names, bn, scale, shift)
+            if isinstance(folded, tuple):
+                consumer, new_nodes, output = folded
+                _replace(graph, [bn, consumer], new_nodes, consumer.outputs[0], output)
+                report.change("folded", f"folded {describe(bn)} into the next {describe(consumer)}")
+                return
+            why_not_after += f"; not into the next op: {folded}"
+        if not self.options.to_mul_add:
+            report.refuse(f"kept {describe(bn)}: {why_not_after}")
+            return
+        mul_add = _as_mul_add(graph, names, bn, scale, shift)
+        if isinstance(mul_add, str):
+            report.refuse(f"kept {describe(bn)}: {why_not_after}; {mul_add}")
+            return
+        _replace(graph, [bn], mul_add, bn.outputs[0], mul_add[-1].outputs[0])
+        report.change("as Mul+Add", f"rewrote {describe(bn)} as Mul+Add: {why_not_after}")
+
+
+def _is_onnx(node: ir.Node, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _batchnorm_affine(bn: ir.Node, opset: int) -> tuple[np.ndarray, np.ndarray] | str:
+    if bn.attributes.get_int("training_mode", 0):
+        return "training_mode=1"
+    if any(v is not None and (v.uses() or v.is_graph_output()) for v in bn.outputs[1:]):
+        return "its running statistics outputs are used (a training graph)"
+    if opset < 9 and bn.attributes.get_int("spatial", 1) == 0:
+        return "spatial=0 keeps statistics per element, not per channel"
+    params = []
+    for role, value in zip(_ROLES, bn.inputs[1:5]):
+        array = constant(value)
+        if array is None:
+            name = value.name if value is not None else "<missing>"
+            return f"{role} {name!r} is not a constant (a graph input or computed)"
+        if not np.issubdtype(array.dtype, np.floating):
+            return f"{role} {value.name!r} is {array.dtype}"
+        params.append(array.astype(np.float64).ravel())
+    gamma, beta, mean, var = params
+    # epsilon is stored as float32; ORT adds that float32 value, so use it exactly.
+    epsilon = float(np.float32(bn.attributes.get_float("epsilon", 1e-5)))
+    scale = gamma / np.sqrt(var + epsilon)
+    return scale, beta - mean * scale
+
+
+def _as_mul_add(graph, names, bn: ir.Node, scale, shift) -> list[ir.Node] | str:
+    x = bn.inputs[0]
+    rank = _rank(x) or _rank(bn.outputs[0])
+    # Opset 15+ lets BN's parameters differ in type from X (fp16 X, fp32 scale): follow X.
+    dtype = x.dtype.numpy() if x.dtype is not None else constant(bn.inputs[1]).dtype
+    if rank is None or rank < 2:
+        return "its input rank is unknown, so Mul+Add shapes cannot be built"
+    shape = (scale.size,) + (1,) * (rank - 2)
+    base = bn.name or bn.outputs[0].name or "batchnorm"
+    s = new_initializer(graph, names, f"{base}.scale", scale.reshape(shape).astype(dtype))
+    t = new_initializer(graph, names, f"{base}.shift", shift.reshape(shape).astype(dtype))
+    mul = ir.node("Mul", [x, s], name=f"{base}_mul")
+    add = ir.node("Add", [mul.outputs[0], t], name=f"{base}_add")
+    return [mul, add]
+
+
+def _rank(value: ir.Value) -> int | None:
+    """From the value's shape, or from the Conv that produced it (output rank = weight rank)."""
+    if value.shape is not None:
+        return value.shape.rank()
+    producer = value.producer()
+    if producer is not None and producer.op_type in ("Conv", "ConvTranspose"):
+        weight = constant(producer.inputs[1])
+        return None if weight is None else weight.ndim
+    return None
+
+
+def _fold_affine_ops(graph: ir.Graph, names: NameSource, report: PassReport) -> None:
+    """Step 4, repeated until nothing changes: each fold removes one node, so it ends."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.op_type in _AFFINE_OPS and node.domain in ("", "ai.onnx"):
+                changed |= _fold_affine_op(graph, names, node, report)
+
+
+def _fold_affine_op(graph, names, node: ir.Node, report: PassReport) -> bool:
+    if len(node.inputs) != 2 or None in node.inputs:
+        return False
+    x, c = node.inputs
+    if constant(c) is None and node.op_type in ("Mul", "Add"):
+        x, c = c, x  # commutative: the constant may come first
+    array = constant(c)
+    if array is None or constant(x) is not None or not np.issubdtype(array.dtype, np.floating):
+        return False
+    if node.op_type in ("Sub", "Div") and node.inputs[0] is not x:
+        return False  # c - x and c / x are not affine in x
+    unit = find_unit(x)
+    if not isinstance(unit, Unit) or array.dtype != unit.weight.dtype:
+        return False
+    if unit.node.op_type == "MatMul" and unit.bias_add is None and node.op_type in ("Add", "Sub"):
+        return False  # that Add is the MatMul's bias: already as folded as it gets
+    vector = per_channel(array, unit)
+    if vector is None or (node.op_type == "Div" and np.any(vector == 0)):
+        return False
+    ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+    scale, shift = {"Mul": (vector, zeros), "Add": (ones, vector),
+                    "Sub": (ones, -vector), "Div": (1.0 / vector, zeros)}[node.op_type]
+    new_nodes, output = fold_after(graph, names, unit, scale, shift)
+    _replace(graph, [unit.node, unit.bias_add, node], new_nodes, node.outputs[0], output)
+    report.change(f"{node.op_type} folded", f"folded {describe(node)} into {describe(unit.node)}")
+    return True
+
+
+def _replace(graph, old_nodes, new_nodes, old_output: ir.Value, new_output: ir.Value) -> None:
+    old_nodes = [n for n in old_nodes if n is not None]
+    ir.convenience.replace_nodes_and_values(
+        graph, old_nodes[-1], old_nodes, new_nodes, [old_output], [new_output]
+    )

@@ -1,0 +1,86 @@
+"""Test helpers: tiny models built in code, and the ORT oracle (graph optimizations off)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT = TensorProto.FLOAT
+
+
+def tensor(name: str, array: np.ndarray, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array).astype(dtype), name)
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+    *,
+    opset: int = 17,
+    ir_version: int = 8,
+    extra_opsets: dict[str, int] | None = None,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    opsets = [helper.make_opsetid("", opset)]
+    opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxopt-tests")
+    model.ir_version = ir_version
+    return model
+
+
+def value_info(name: str, shape, dtype=FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def bn_params(prefix: str, channels: int, rng: np.random.Generator) -> list[onnx.TensorProto]:
+    """scale, B, mean, var with non-trivial values (var well away from zero)."""
+    return [
+        tensor(f"{prefix}.scale", rng.uniform(0.5, 1.5, channels)),
+        tensor(f"{prefix}.B", rng.standard_normal(channels)),
+        tensor(f"{prefix}.mean", rng.standard_normal(channels)),
+        tensor(f"{prefix}.var", rng.uniform(0.2, 2.0, channels)),
+    ]
+
+
+def bn_node(prefix: str, x: str, y: str, **attrs) -> onnx.NodeProto:
+    names = [f"{prefix}.{p}" for p in ("scale", "B", "mean", "var")]
+    return helper.make_node("BatchNormalization", [x, *names], [y], name=prefix, **attrs)
+
+
+def to_bytes(model) -> bytes:
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
+    return model.SerializeToString()
+
+
+def run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ORT CPU with graph optimizations disabled: ORT's own fusions cannot hide a broken rewrite."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(to_bytes(model), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def assert_same_outputs(original, rewritten, feeds, *, rtol=1e-5, atol=1e-6) -> None:
+    for expected, actual in zip(run(original, feeds), run(rewritten, feeds), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def op_count(model, op_type: str) -> int:
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    graphs = list(model.graphs()) + list(model.functions.values())
+    return sum(1 for g in graphs for n in g if n.op_type == op_type)
+
+
+def to_ir(model: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(model)
