@@ -107,7 +107,6 @@ def count_macs(model: nn.Module, size: int = SIZE) -> int:
     are not counted (BN folds into the convs).
     """
     macs = 0
-    shapes = {}
 
     def conv_hook(m, inp, out):
         nonlocal macs
@@ -129,7 +128,6 @@ def count_macs(model: nn.Module, size: int = SIZE) -> int:
         model(torch.zeros(1, 1, size, size))
     for h in hooks:
         h.remove()
-    del shapes
     return macs
 
 

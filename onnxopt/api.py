@@ -95,6 +95,7 @@ def optimize(
     start = time.perf_counter()
     say("loading")
     model, path = _load(src)
+    had_external_data = bool(io.external_files(model))
     original_stats = stats.model_stats(model, path, shapes=options.shapes)
     notes: list[str] = []
     _upgrade_ir(model, notes)
@@ -128,7 +129,7 @@ def optimize(
     if dst is not None:
         say("saving")
         mark = time.perf_counter()
-        io.save(model, dst, source=path)
+        io.save(model, dst, source=path, is_external=had_external_data)
         seconds["save"] = time.perf_counter() - mark
     report.optimized = stats.model_stats(model, dst, shapes=options.shapes)
     seconds["total"] = time.perf_counter() - start

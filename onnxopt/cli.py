@@ -21,6 +21,8 @@ from onnxopt.passes import DEFAULT_PIPELINE, describe_passes
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="onnxopt: verified ONNX model rewriting, validation and benchmarking.")
 stdout = Console()
+if not stdout.is_terminal:  # rich assumes 80 columns when piped; the report needs more
+    stdout = Console(width=120)
 stderr = Console(stderr=True)
 _state = {"debug": False, "quiet": False}
 

@@ -49,14 +49,16 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{path}: not an ONNX model (no ir_version or no graph in the file)")
     if len(proto.graph.node) == 0:
         raise BadInputError(f"{path}: the graph has no nodes; there is nothing to optimize or run")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as error:
-        first = str(error).strip().splitlines()[0]
-        raise BadInputError(f"{path}: fails the ONNX checker: {first}") from None
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
+    try:
+        # By path, so the checker resolves external data beside the model, not beside the cwd,
+        # and models over 2 GB work.
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise BadInputError(f"{path}: fails the ONNX checker: {first}") from None
     return model
 
 
@@ -110,18 +112,21 @@ def save(
     path: str | os.PathLike,
     *,
     source: str | os.PathLike | None = None,
+    is_external: bool = False,
     callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
 ) -> Path:
     """Write `model` to `path` atomically; returns the external-data file or `path` itself.
 
-    External data is used when the input had it (its tensors are memory-mapped from the input's
-    file and must be copied out) or when the weights pass ~90% of protobuf's 2 GiB limit.
+    External data is used when asked (`is_external`: the input had it, so the user wants it),
+    when tensors are still memory-mapped from another file (they must be copied out, not
+    referenced), or when the weights pass ~90% of protobuf's 2 GiB limit.
     """
     path = Path(path)
     _refuse_overwriting_input(model, path, source)
     if not path.parent.is_dir():
         raise BadInputError(f"{path}: the output folder {str(path.parent)!r} does not exist")
-    is_external = bool(external_files(model)) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    is_external = (is_external or bool(external_files(model))
+                   or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD)
     data_name = f"{path.name}.data" if is_external else None
     if data_name and (path.parent / data_name).resolve() in external_files(model):
         raise BadInputError(

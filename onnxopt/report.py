@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxopt.bench import Latency
@@ -113,7 +114,7 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
     table.add_row("file size", _size(a.file_bytes), _size(b.file_bytes),
                   _change(a.file_bytes, b.file_bytes))
     for label, xs, ys in (("inputs", a.inputs, b.inputs), ("outputs", a.outputs, b.outputs)):
-        table.add_row(label, "\n".join(map(str, xs)), "\n".join(map(str, ys)), "")
+        table.add_row(label, escape("\n".join(map(str, xs))), escape("\n".join(map(str, ys))), "")
     _ops_rows(table, a, b, all_ops)
     _accuracy_rows(table, report.verification)
     for name, (before, after) in report.metrics.items():
@@ -127,7 +128,7 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
     for run in report.passes:
         console.print(_pass_line(run))
     for note in report.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 def _ops_rows(table: Table, a: ModelStats, b: ModelStats, all_ops: bool) -> None:
@@ -174,14 +175,13 @@ def _latency_rows(table: Table, latency: list[LatencyComparison]) -> None:
 
 def _pass_line(run: PassRun) -> str:
     if run.reverted:
-        return f"[red]{run.name:16}[/red] reverted: {run.reason}"
-    if not run.modified:
-        return f"{run.name:16} no change"
+        return f"[red]{run.name:16}[/red] reverted: {escape(run.reason)}"
     counts = ", ".join(f"{v} {k}" for k, v in sorted(run.counts.items()) if k != "refused")
+    text = f"[green]{run.name:16}[/green] {counts}" if run.modified else f"{run.name:16} no change"
     refused = [line for line in run.log if line.startswith("kept ")]
-    text = f"[green]{run.name:16}[/green] {counts}"
     if refused:
-        text += f"; {len(refused)} refused ({refused[0]}{', ...' if len(refused) > 1 else ''})"
+        more = f" and {len(refused) - 1} more in the JSON report" if len(refused) > 1 else ""
+        text += f"; {len(refused)} refused ({escape(refused[0])}{more})"
     return text
 
 
@@ -199,8 +199,8 @@ def render_stats(stats: ModelStats, path: str, console: Console) -> None:
     table.add_row("parameters", _count(stats.parameters), "")
     table.add_row("weight bytes", _size(stats.weight_bytes), "")
     table.add_row("file size", _size(stats.file_bytes), "")
-    table.add_row("inputs", "\n".join(map(str, stats.inputs)), "")
-    table.add_row("outputs", "\n".join(map(str, stats.outputs)), "")
+    table.add_row("inputs", escape("\n".join(map(str, stats.inputs))), "")
+    table.add_row("outputs", escape("\n".join(map(str, stats.outputs))), "")
     total = sum(stats.macs.values())
     table.add_row("[bold]ops", "", f"{total / 1e6:,.1f} M" + (" (partial)" if stats.macs_partial else ""))
     for op, count in sorted(stats.ops.items(), key=lambda kv: -kv[1]):

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._graph import NameSource, constant, describe
+from onnxopt.passes._graph import NameSource, constant, describe, rank_of
 
 __all__ = ["Unit", "find_unit", "per_channel", "fold_after", "new_initializer"]
 
@@ -86,9 +86,7 @@ def _unit(node: ir.Node, bias_add: ir.Node | None, weight: np.ndarray, value) ->
         return Unit(node, None, weight, bias, channels, 2, value)
     if weight.ndim != 2:  # MatMul
         return f"the weight of {describe(node)} is {weight.ndim}-D, not 2-D"
-    x = node.inputs[0]
-    rank = x.shape.rank() if x.shape is not None else None
-    unit = Unit(node, bias_add, weight, None, weight.shape[1], rank, value)
+    unit = Unit(node, bias_add, weight, None, weight.shape[1], rank_of(node.inputs[0]), value)
     if bias_add is not None:
         other = next(v for v in bias_add.inputs if v is not node.outputs[0])
         add_const = constant(other)

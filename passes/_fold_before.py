@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._affine import new_initializer
-from onnxopt.passes._graph import NameSource, constant, describe
+from onnxopt.passes._graph import NameSource, constant, describe, rank_of
 
 __all__ = ["fold_before"]
 
@@ -80,7 +80,7 @@ def _into_conv(conv: ir.Node, w: np.ndarray, bias, scale, shift):
 def _into_matrix(node: ir.Node, w: np.ndarray, bias, scale, shift):
     attributes = dict(node.attributes)
     x = node.inputs[0]
-    if node.op_type == "MatMul" and (w.ndim != 2 or x.shape is None or x.shape.rank() != 2):
+    if node.op_type == "MatMul" and (w.ndim != 2 or rank_of(x) != 2):
         return f"{describe(node)} is not a 2-D input times a 2-D constant"
     if node.attributes.get_int("transA", 0):
         return f"{describe(node)} has transA=1: BN's channels would be its output rows"

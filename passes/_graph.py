@@ -6,8 +6,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
-__all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version"]
+__all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version", "annotate_ranks",
+           "rank_of"]
+
+_RANK_KEY = "onnxopt.rank"
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
@@ -49,3 +53,25 @@ class NameSource:
             name, index = f"{base}_{index}", index + 1
         self._taken.add(name)
         return name
+
+
+def annotate_ranks(model: ir.Model) -> None:
+    """Record each value's rank from ONNX shape inference in `value.meta` (never saved).
+
+    Inference runs on a clone, so the saved model keeps exactly the shapes the user gave it;
+    exporters often leave intermediate shapes out, and a fold needs only the rank."""
+    copy = model.clone()
+    common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(copy)
+    for graph, inferred in zip(model.graphs(), copy.graphs()):
+        ranks = {name: v.shape.rank() for name, v in
+                 ir.convenience.create_value_mapping(inferred).items() if v.shape is not None}
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            if name in ranks:
+                value.meta[_RANK_KEY] = ranks[name]
+
+
+def rank_of(value: ir.Value) -> int | None:
+    """The value's rank from its own shape, else from `annotate_ranks`, else None."""
+    if value.shape is not None:
+        return value.shape.rank()
+    return value.meta.get(_RANK_KEY)

@@ -26,7 +26,9 @@ import onnx_ir.passes.common as common
 
 from onnxopt.passes._affine import Unit, find_unit, fold_after, new_initializer, per_channel
 from onnxopt.passes._fold_before import fold_before
-from onnxopt.passes._graph import NameSource, constant, describe, opset_version
+from onnxopt.passes._graph import (
+    NameSource, annotate_ranks, constant, describe, opset_version, rank_of,
+)
 from onnxopt.passes._report import PassReport
 
 __all__ = ["FoldBatchNormPass", "FoldBatchNormOptions"]
@@ -55,6 +57,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
+        annotate_ranks(model)
         for graph in list(model.graphs()):  # functions have no initializers to fold into
             names = NameSource(graph)
             for bn in [n for n in graph if _is_onnx(n, "BatchNormalization")]:
@@ -145,9 +148,9 @@ def _as_mul_add(graph, names, bn: ir.Node, scale, shift) -> list[ir.Node] | str:
 
 
 def _rank(value: ir.Value) -> int | None:
-    """From the value's shape, or from the Conv that produced it (output rank = weight rank)."""
-    if value.shape is not None:
-        return value.shape.rank()
+    """From shapes (see annotate_ranks), or from the Conv that produced it (= weight rank)."""
+    if rank_of(value) is not None:
+        return rank_of(value)
     producer = value.producer()
     if producer is not None and producer.op_type in ("Conv", "ConvTranspose"):
         weight = constant(producer.inputs[1])

@@ -1,0 +1,95 @@
+"""The pipeline verifies rewrites and reverts the exact pass that breaks the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from helpers import bn_node, bn_params, make_model, op_count, tensor, to_ir, value_info
+from onnx import helper
+
+from onnxopt import inputs, pipeline, verify
+from onnxopt.passes import CleanupPass, FoldBatchNormPass, PassReport
+
+
+class BreakWeightsPass(ir.passes.InPlacePass):
+    """Claims to be exact but adds 0.5 to the Conv weight: the checker must catch it."""
+
+    name = "break-weights"
+    lossy = False
+
+    def call(self, model):
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        weight = conv.inputs[1]
+        broken = ir.Value(name="W_broken", const_value=ir.tensor(weight.const_value.numpy() + 0.5,
+                                                                 name="W_broken"))
+        model.graph.register_initializer(broken)
+        conv.replace_input_with(1, broken)
+        report = PassReport(model, modified=False)
+        report.change("broken", "added 0.5 to the Conv weight")
+        return report
+
+
+class CrashPass(ir.passes.InPlacePass):
+    name = "crash"
+    lossy = False
+
+    def call(self, model):
+        raise RuntimeError("boom")
+
+
+def conv_bn_model():
+    rng = np.random.default_rng(0)
+    inits = [tensor("W", rng.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4, rng)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("bn", "c", "y")]
+    return to_ir(make_model(nodes, [value_info("x", [1, 3, 6, 6])], [value_info("y", [1, 4, 4, 4])],
+                            inits))
+
+
+def checker_for(model):
+    feeds = inputs.generate(model, batches=2)
+    return pipeline.Checker(feeds, verify.reference_outputs(model, feeds))
+
+
+@pytest.mark.parametrize("verify_each", [True, False])
+def test_broken_exact_pass_is_reverted_and_the_rest_kept(verify_each):
+    model = conv_bn_model()
+    checker = checker_for(model)
+    passes = [BreakWeightsPass(), CleanupPass(), FoldBatchNormPass()]
+    result, runs, verification = pipeline.run_pipeline(model, passes, checker=checker,
+                                                       verify_each=verify_each)
+    assert [r.reverted for r in runs] == [True, False, False]
+    assert "max abs" in runs[0].reason
+    assert op_count(result, "BatchNormalization") == 0  # the good pass still applied
+    assert verification.passed
+    assert verify.verify(result, checker.reference, checker.feeds).passed
+
+
+def test_crashing_pass_is_reverted_with_its_root_cause():
+    model = conv_bn_model()
+    result, runs, verification = pipeline.run_pipeline(
+        model, [CrashPass(), FoldBatchNormPass()], checker=checker_for(model), verify_each=True)
+    assert runs[0].reverted and "RuntimeError: boom" in runs[0].reason
+    assert op_count(result, "BatchNormalization") == 0
+    assert verification.passed
+
+
+def test_without_a_checker_passes_just_run():
+    model = conv_bn_model()
+    result, runs, verification = pipeline.run_pipeline(model, [FoldBatchNormPass()], checker=None)
+    assert verification is None and runs[0].modified
+    assert op_count(result, "BatchNormalization") == 0
+
+
+def test_verification_metrics():
+    ref = [{"y": np.array([1.0, 2.0, 3.0], dtype=np.float32)}]
+    close = [{"y": np.array([1.0, 2.0, 3.0001], dtype=np.float32)}]
+    far = [{"y": np.array([1.0, 2.0, 4.0], dtype=np.float32)}]
+    [ok] = verify.compare(ref, close)
+    [bad] = verify.compare(ref, far)
+    assert ok.is_close and ok.max_abs == pytest.approx(1e-4, rel=1e-2)
+    assert not bad.is_close and bad.max_abs == pytest.approx(1.0)
+    assert bad.cosine == pytest.approx(17 / np.sqrt(14 * 21))
+    assert bad.sqnr_db == pytest.approx(10 * np.log10(14.0))
+    [shape] = verify.compare(ref, [{"y": np.zeros(2, dtype=np.float32)}])
+    assert not shape.is_close and "shape" in shape.reason
