@@ -1,10 +1,13 @@
-"""Run one peer optimizer on one model, in its own process (so its wall time and peak RSS are its own).
+"""Run one optimizer on one model in its own process, so its time and peak memory are its own.
 
-    python benchmarks/_run_tool.py TOOL IN.onnx OUT.onnx RESULT.json
+    python benchmarks/_run_tool.py RESULT.json onnxsim|onnxslim|onnxoptimizer IN.onnx OUT.onnx
+    python benchmarks/_run_tool.py RESULT.json onnxopt optimize IN.onnx -o OUT.onnx ...
 
-TOOL is onnxsim, onnxslim or onnxoptimizer (onnxopt runs through its own CLI). RESULT.json gets
-{"seconds": time of load + optimize + save, "error": one line or "", "detail": {...}}; the
-process exits 0 even when the tool fails, so the caller reads the outcome from RESULT.json.
+`onnxopt` runs the real CLI entry point (`onnxopt.cli.main`, what the console script calls) with
+those arguments. RESULT.json gets {"seconds": load + optimize + save, "error": one line or "",
+"exit_code", "peak_rss_mb", "detail"}. Peak RSS is VmHWM from /proc/self/status, read at the end:
+the high-water mark of this program's own address space. (The rusage `ru_maxrss` of a child is
+no good here: Linux carries the parent's RSS across fork/vfork + exec into it.)
 """
 
 from __future__ import annotations
@@ -44,21 +47,49 @@ def _onnxoptimizer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 TOOLS = {"onnxsim": _onnxsim, "onnxslim": _onnxslim, "onnxoptimizer": _onnxoptimizer}
 
 
-def main(tool: str, src: str, dst: str, result_path: str) -> None:
-    start = time.perf_counter()
-    result: dict = {"error": "", "detail": {}}
+def _peak_rss_mb() -> float | None:
     try:
-        model, detail = TOOLS[tool](onnx.load(src))
-        onnx.save(model, dst)
-        result["detail"] = detail
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _run_onnxopt_cli(args: list[str]) -> int:
+    from onnxopt import cli
+
+    sys.argv = ["onnxopt", *args]
+    try:
+        cli.main()
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 1
+    return 0
+
+
+def main(result_path: str, tool: str, *args: str) -> None:
+    start = time.perf_counter()
+    result: dict = {"error": "", "detail": {}, "exit_code": 0}
+    try:
+        if tool == "onnxopt":
+            result["exit_code"] = _run_onnxopt_cli(list(args))
+        else:
+            src, dst = args
+            model, detail = TOOLS[tool](onnx.load(src))
+            onnx.save(model, dst)
+            result["detail"] = detail
     except BaseException as error:  # report every failure, including SystemExit from a library
         lines = str(error).strip().splitlines()
         result["error"] = f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+        result["exit_code"] = 1
         traceback.print_exc()
     result["seconds"] = time.perf_counter() - start
+    result["peak_rss_mb"] = _peak_rss_mb()
     with open(result_path, "w") as handle:
         json.dump(result, handle)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

@@ -42,6 +42,9 @@ class OptimizeOptions:
     tolerance: Tolerance = Tolerance()
     bench: tuple[str, ...] = ("cpu",)  # providers to time original vs optimized on; () skips
     bench_seconds: float = 2.0
+    # A rewrite that runs measurably slower than the original (LatencyComparison.is_slower) is
+    # not kept, the original is written instead, unless this is set.
+    allow_slower: bool = False
 
 
 def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | None]:
@@ -69,6 +72,19 @@ def _upgrade_ir(model: ir.Model, notes: list[str]) -> None:
     notes.append(f"upgraded IR {model.ir_version} -> 4: {count} initializers are no longer "
                  "graph inputs, so ONNX Runtime can constant-fold and pre-pack them")
     model.ir_version = 4
+
+
+def _upgrade_opset_for(passes, model: ir.Model, notes: list[str]) -> ir.Model:
+    """onnx's version converter, only when a pass declares a newer `min_opset` than the model's."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    needs = [(getattr(p, "min_opset", 0), p.name) for p in passes]
+    target, name = max(needs, default=(0, ""))
+    if target <= opset:
+        return model
+    upgraded = pipeline.upgrade_opset(model, target)
+    notes.append(f"upgraded opset {opset} -> {target} with onnx's version converter "
+                 f"(pass {name!r} needs it)")
+    return upgraded
 
 
 def _build_passes(options: OptimizeOptions) -> list[ir.passes.PassBase]:
@@ -112,6 +128,7 @@ def optimize(
         except runtime.RuntimeFailure as error:
             verification = verify_mod.Verification("skipped", reason=f"original: {error}")
     passes = _build_passes(options)
+    model = _upgrade_opset_for(passes, model, notes)
     mark = time.perf_counter()
     model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
                                                  verify_each=options.verify_each, on_pass=say)
@@ -126,6 +143,11 @@ def optimize(
         bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
         report.latency = _compare_latency(original, model, bench_feeds, options, notes)
         seconds["bench"] = time.perf_counter() - mark
+        slower = [row.ep for row in report.latency if row.is_slower]
+        if slower and not options.allow_slower:
+            notes.append(f"kept the original model: the rewrite ran slower on {', '.join(slower)} "
+                         "(--allow-slower keeps it anyway)")
+            model = original
     if dst is not None:
         say("saving")
         mark = time.perf_counter()
@@ -148,11 +170,7 @@ def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
             notes.append(f"timing on {ep} skipped: {error}")
             continue
         ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
-        row = LatencyComparison(ep, before, after, ratio, low, high)
-        if row.is_slower:
-            notes.append(f"the optimized model ran slower on {ep} ({ratio:.2f}x the original's "
-                         f"median, 95% CI {low:.2f}-{high:.2f}); keep the original there")
-        rows.append(row)
+        rows.append(LatencyComparison(ep, before, after, ratio, low, high))
     return rows
 
 

@@ -80,6 +80,7 @@ def optimize(
     atol: AtolOpt = 1e-5,
     bench: Annotated[str, typer.Option(help="Providers to time both models on, or 'none'.")] = "cpu",
     bench_seconds: Annotated[float, typer.Option(help="Timing budget per provider.")] = 2.0,
+    allow_slower: Annotated[bool, typer.Option(help="Keep a rewrite even if it runs slower.")] = False,
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
     all_ops: Annotated[bool, typer.Option(help="List every op type, not only changed ones.")] = False,
     quiet: QuietOpt = False,
@@ -89,6 +90,7 @@ def optimize(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,
         tolerance=verify.Tolerance(rtol, atol), bench=_split(bench), bench_seconds=bench_seconds,
+        allow_slower=allow_slower,
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)

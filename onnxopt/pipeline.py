@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from onnxopt import io
 from onnxopt import verify as verify_mod
+from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 from onnxopt.passes import PassReport
 
@@ -133,5 +135,13 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """onnx's version converter, for a pass that needs a newer opset than the model has."""
     from onnx import version_converter
 
-    proto = version_converter.convert_version(ir.to_proto(model), target)
-    return ir.serde.deserialize_model(proto)
+    base_dirs = {t.base_dir for t in io.iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), target)
+    except Exception as error:  # the converter raises plain RuntimeError/ValueError
+        raise BadInputError(f"onnx's version converter cannot take this model to opset {target}: "
+                            f"{_root_cause(error)}") from None
+    upgraded = ir.serde.deserialize_model(proto)
+    for base_dir in base_dirs:  # external weights stay where they are; point at them again
+        ir.external_data.set_base_dir(upgraded.graph, base_dir)
+    return upgraded

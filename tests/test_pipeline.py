@@ -93,3 +93,58 @@ def test_verification_metrics():
     assert bad.sqnr_db == pytest.approx(10 * np.log10(14.0))
     [shape] = verify.compare(ref, [{"y": np.zeros(2, dtype=np.float32)}])
     assert not shape.is_close and "shape" in shape.reason
+
+
+def test_opset_is_upgraded_only_when_a_pass_needs_it(tmp_path, monkeypatch):
+    import onnx
+
+    import onnxopt
+    from onnxopt import api
+
+    class NeedsOpset13(ir.passes.InPlacePass):
+        """Does nothing, but needs opset 13 (as per-channel QDQ will)."""
+
+        name = "needs-13"
+        lossy = False
+        min_opset = 13
+
+        def call(self, model):
+            return PassReport(model, modified=False)
+
+    monkeypatch.setitem(api.REGISTRY, "needs-13", NeedsOpset13)
+    model = conv_bn_model()
+    model.opset_imports[""] = 11
+    src = tmp_path / "in.onnx"
+    ir.save(model, src)
+    out = tmp_path / "out.onnx"
+    _, report = onnxopt.optimize(src, out, onnxopt.OptimizeOptions(bench=()))
+    assert onnx.load(str(out)).opset_import[0].version == 11  # the default passes need nothing
+    assert not any("upgraded opset" in n for n in report.notes)
+    options = onnxopt.OptimizeOptions(passes=("needs-13", "fold-batchnorm"), bench=())
+    _, report = onnxopt.optimize(src, out, options)
+    assert onnx.load(str(out)).opset_import[0].version == 13
+    assert "upgraded opset 11 -> 13 with onnx's version converter (pass 'needs-13' needs it)" in report.notes
+    assert report.verification.passed
+
+
+def test_a_rewrite_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
+    import onnx
+
+    import onnxopt
+    from onnxopt import api, bench
+
+    def fake_measure(sessions, feeds, **kwargs):  # the rewrite takes twice as long
+        rng = np.random.default_rng(0)
+        times = [list(rng.normal(1.0, 0.01, 50)), list(rng.normal(2.0, 0.01, 50))]
+        return [bench._summary("cpu", t) for t in times]
+
+    monkeypatch.setattr(api.bench, "measure", fake_measure)
+    src = tmp_path / "in.onnx"
+    ir.save(conv_bn_model(), src)
+    out = tmp_path / "out.onnx"
+    _, report = onnxopt.optimize(src, out)
+    assert report.latency[0].is_slower
+    assert any("kept the original model" in n for n in report.notes)
+    assert op_count(onnx.load(str(out)), "BatchNormalization") == 1
+    _, report = onnxopt.optimize(src, out, onnxopt.OptimizeOptions(allow_slower=True))
+    assert op_count(onnx.load(str(out)), "BatchNormalization") == 0

@@ -1,0 +1,541 @@
+"""Lossless optimization benchmark: onnxopt's default pipeline against onnxsim, onnxslim and
+onnxoptimizer, on the embedded default model, the exporter zoo in models/ and three real PP-OCR models.
+
+    python benchmarks/lossless.py [--models NAME ...] [--seconds S] [--threads 1,2]
+                                  [--json benchmarks/results/lossless-<date>.json]
+
+Per model and tool:
+1. the tool runs in a fresh subprocess on the original file; we record its wall time (interpreter
+   start and imports included), its own time (load + optimize + save, as the tool reports it) and
+   the subprocess's peak RSS (`os.wait4` rusage of exactly that child);
+2. the output is inspected: nodes, BatchNormalization left, `onnx.checker`, file size, and max abs
+   error against the original on the same inputs (ORT CPU, graph optimizations off for both, so
+   ORT's own fusions hide nothing);
+3. latency: every variant, plus the original a second time (an A/A control that shows the noise
+   floor), in one process, interleaved (A A' B C D E A A' ...), ORT graph optimizations on (what users
+   run), intra-op spinning off, for each thread count; the ratio p50(variant) / p50(original) with a
+   bootstrap 95% interval (onnxopt.bench). Only ratios are printed: this machine is shared.
+
+onnxopt's own verification result (`onnxopt optimize` without --no-verify, fed the same inputs as
+an .npz) is recorded separately from the timed run (`--bench none --no-verify`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+from onnxopt import bench, runtime, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = Path(__file__).resolve().parent / "_run_tool.py"
+TOOLS = ("onnxopt", "onnxsim", "onnxslim", "onnxoptimizer")
+PEER_PACKAGES = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "onnxoptimizer": "onnxoptimizer"}
+TOLERANCE = verify.Tolerance()  # onnxopt's default: rtol 1e-4, atol 1e-5
+# PP-OCR shapes from shared/REAL_MODELS.md (rapidocr's pipeline sizes).
+PPOCR = {
+    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 640, 640)),
+    "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
+    "ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
+}
+CHECK_BATCHES, CHECK_BATCH_SIZE = 2, 2  # equivalence inputs: 2 batches of 2 (batch 1 for timing)
+GUESSED_DIM = 32
+stderr = Console(stderr=True)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    path: Path
+    check_feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
+    timing_feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------- models and inputs
+
+
+def discover() -> list[tuple[str, Path, tuple[int, ...] | None]]:
+    """(name, path, fixed input shape or None) for every model present right now."""
+    found = []
+    digits = ROOT / "onnxopt" / "data" / "digits_resnet.onnx"
+    if digits.is_file():
+        found.append(("digits_resnet", digits, None))
+    for path in sorted((ROOT / "models").glob("*.onnx")):
+        found.append((path.stem, path, None))
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is not None:
+        root = Path(list(spec.submodule_search_locations)[0]) / "models"
+        for name, (file, shape) in PPOCR.items():
+            if (root / file).is_file():
+                found.append((name, root / file, shape))
+    return found
+
+
+def select(found, patterns: list[str] | None):
+    if not patterns:
+        return found
+    chosen = []
+    for name, path, shape in found:
+        if any(fnmatch.fnmatch(name, p) or p in (name, str(path)) for p in patterns):
+            chosen.append((name, path, shape))
+    extra = [Path(p) for p in patterns if p.endswith(".onnx") and Path(p).is_file()]
+    chosen += [(p.stem, p.resolve(), None) for p in extra if p.resolve() not in
+               {c[1] for c in chosen}]
+    return chosen
+
+
+def _graph_inputs(model: onnx.ModelProto):
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _shape(value: onnx.ValueInfoProto, fixed, batch: int, notes: list[str]) -> tuple[int, ...]:
+    if fixed is not None:
+        return (batch, *fixed[1:])
+    dims = []
+    for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(dim.dim_value)
+        elif axis == 0:
+            dims.append(batch)
+        else:
+            dims.append(GUESSED_DIM)
+            notes.append(f"input {value.name!r} dim {axis} ({dim.dim_param or '?'}) "
+                         f"set to {GUESSED_DIM}")
+    return tuple(dims)
+
+
+def _random(value: onnx.ValueInfoProto, shape, rng: np.random.Generator) -> np.ndarray:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.bool_:
+        return np.ones(shape, dtype)
+    return np.zeros(shape, dtype)
+
+
+def make_case(name: str, path: Path, fixed) -> Case:
+    """Inputs: the digits samples for the default model, seeded normal noise otherwise (fine for
+    an equivalence check of exact rewrites)."""
+    case = Case(name, path)
+    inputs = _graph_inputs(onnx.load(str(path), load_external_data=False))
+    samples = ROOT / "onnxopt" / "data" / "digits_samples.npz"
+    if name == "digits_resnet" and samples.is_file() and [i.name for i in inputs] == ["image"]:
+        with np.load(samples) as data:
+            images = data["image"]
+        case.check_feeds = [{"image": images[8 * b: 8 * b + 8]} for b in range(CHECK_BATCHES)]
+        case.timing_feeds = {"image": images[:1]}
+        case.notes.append("inputs: digits_samples.npz 'image' (2 batches of 8; timing batch 1)")
+        return case
+    rng = np.random.default_rng(0)
+    for b in range(CHECK_BATCHES):
+        case.check_feeds.append({i.name: _random(i, _shape(i, fixed, CHECK_BATCH_SIZE,
+                                                             case.notes), rng) for i in inputs})
+    case.timing_feeds = {i.name: _random(i, _shape(i, fixed, 1, []), rng) for i in inputs}
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in case.timing_feeds.items())
+    case.notes.append(f"inputs: seeded normal noise, {CHECK_BATCHES} batches of "
+                      f"{CHECK_BATCH_SIZE} for the error; timing {shapes}")
+    case.notes = list(dict.fromkeys(case.notes))
+    return case
+
+
+# ---------------------------------------------------------------- running the tools
+
+
+def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
+    """Wall time, peak RSS (MB) and exit code of one subprocess."""
+    with open(log, "w") as handle:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of exactly this child
+        wall = time.perf_counter() - start
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
+            "log_tail": " | ".join(tail)[-600:], "timed_out": wall >= timeout}
+
+
+def _onnxopt_command() -> list[str]:
+    script = Path(sys.executable).parent / "onnxopt"
+    return [str(script)] if script.is_file() else [shutil.which("onnxopt") or "onnxopt"]
+
+
+def run_onnxopt(case: Case, work: Path, timeout: float) -> dict:
+    """Timed run (--no-verify) and a separate verified run fed our inputs."""
+    out, report = work / "onnxopt.onnx", work / "onnxopt-timed.json"
+    cmd = [*_onnxopt_command(), "optimize", str(case.path), "-o", str(out), "--bench", "none",
+           "--no-verify", "--quiet", "--report", str(report)]
+    row = run_child(cmd, work / "onnxopt.log", timeout)
+    row["error"] = "" if row["returncode"] == 0 else row["log_tail"] or f"exit {row['returncode']}"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        row["tool_s"] = data.get("seconds", {}).get("total")
+        row["passes"] = [_pass_summary(p) for p in data.get("passes", [])]
+    row["output"] = str(out) if out.is_file() and not row["error"] else None
+    row["verification"] = verify_onnxopt(case, work, timeout)
+    return row
+
+
+def _pass_summary(run: dict) -> dict:
+    keep = ("name", "status", "modified", "counts", "reason", "error")
+    summary = {k: run[k] for k in keep if k in run}
+    log = run.get("log") or []
+    summary["log"] = log[:20] + ([f"... {len(log) - 20} more"] if len(log) > 20 else [])
+    return summary
+
+
+def verify_onnxopt(case: Case, work: Path, timeout: float) -> dict:
+    feeds = work / "feeds.npz"
+    np.savez(feeds, **{k: np.stack([f[k] for f in case.check_feeds]) for k in case.check_feeds[0]})
+    report = work / "onnxopt-verified.json"
+    cmd = [*_onnxopt_command(), "optimize", str(case.path), "-o", str(work / "onnxopt-v.onnx"),
+           "--bench", "none", "--quiet", "--inputs", str(feeds), "--report", str(report)]
+    child = run_child(cmd, work / "onnxopt-verify.log", timeout)
+    result = {"returncode": child["returncode"], "status": "error", "reason": child["log_tail"]}
+    if report.is_file():
+        found = json.loads(report.read_text()).get("verification") or {}
+        worst = max(found.get("outputs", []), key=lambda o: _num(o.get("max_abs")), default={})
+        result.update(status=found.get("status", "?"), reason=found.get("reason", ""),
+                      batches=found.get("batches"), worst_output=worst.get("name"),
+                      worst_max_abs=worst.get("max_abs"))
+    return result
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def run_peer(tool: str, case: Case, work: Path, timeout: float) -> dict:
+    if importlib.util.find_spec(PEER_PACKAGES[tool]) is None:
+        return {"error": f"not installed (pip install {tool})", "output": None}
+    out, result = work / f"{tool}.onnx", work / f"{tool}.json"
+    cmd = [sys.executable, str(RUNNER), tool, str(case.path), str(out), str(result)]
+    row = run_child(cmd, work / f"{tool}.log", timeout)
+    data = json.loads(result.read_text()) if result.is_file() else {}
+    row["tool_s"] = data.get("seconds")
+    row["detail"] = data.get("detail", {})
+    row["error"] = data.get("error") or ("" if row["returncode"] == 0 else
+                                          "timed out" if row["timed_out"] else row["log_tail"])
+    row["output"] = str(out) if out.is_file() and not row["error"] else None
+    return row
+
+
+# ---------------------------------------------------------------- inspecting the outputs
+
+
+def inspect_output(path: str, case: Case, reference) -> dict:
+    model = onnx.load(path, load_external_data=False)
+    nodes = list(model.graph.node)
+    row = {"nodes": len(nodes), "bn_left": sum(n.op_type == "BatchNormalization" for n in nodes),
+           "constants": sum(n.op_type == "Constant" for n in nodes),
+           "initializers": len(model.graph.initializer), "file_kb": os.path.getsize(path) / 1024,
+           "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                         None)}
+    row["checker"] = _checker(path, full=False)
+    row["checker_full"] = _checker(path, full=True)
+    if reference is None:
+        return row
+    try:
+        session = runtime.make_session(path, optimize=False)
+        outputs = [runtime.run(session, feeds) for feeds in case.check_feeds]
+    except runtime.RuntimeFailure as error:
+        row["run_error"] = str(error)
+        return row
+    errors = verify.compare(reference, outputs, TOLERANCE)
+    row["max_abs_err"] = max((e.max_abs for e in errors), default=0.0)
+    row["max_rel_err"] = max((e.max_rel for e in errors), default=0.0)
+    row["min_cosine"] = min((e.cosine for e in errors), default=1.0)
+    row["is_close"] = all(e.is_close for e in errors) and len(errors) == len(reference[0])
+    row["mismatch"] = "; ".join(f"{e.name}: {e.reason}" for e in errors if e.reason)
+    return row
+
+
+def _checker(path: str, *, full: bool) -> str:
+    try:
+        onnx.checker.check_model(path, full_check=full)
+        return "ok"
+    except Exception as error:  # checker raises ValidationError and shape-inference errors
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# ---------------------------------------------------------------- latency
+
+
+def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: float) -> dict:
+    """Interleaved p50 ratios vs the original; 'original (A/A)' is a second session of it."""
+    labels = ["original", "original (A/A)", *[t for t in TOOLS if paths.get(t)]]
+    sources = {"original": str(case.path), "original (A/A)": str(case.path), **paths}
+    sessions, results = [], {}
+    for label in labels:
+        try:
+            sessions.append((label, runtime.make_session(sources[label], threads=threads)))
+        except runtime.RuntimeFailure as error:
+            results[label] = {"error": str(error)}
+    try:
+        timings = bench.measure([s for _, s in sessions], case.timing_feeds, seconds=seconds,
+                                min_runs=20)
+    except runtime.RuntimeFailure as error:
+        return {label: {"error": str(error)} for label in labels}
+    base = timings[0].times_ms
+    for (label, _), latency in zip(sessions, timings):
+        ratio, low, high = bench.ratio_ci(base, latency.times_ms)
+        results[label] = {"runs": latency.runs, "p50_ms": latency.p50_ms,
+                          "p90_ms": latency.p90_ms, "ratio": ratio, "low": low, "high": high}
+    return results
+
+
+# ---------------------------------------------------------------- one model
+
+
+def bench_model(case: Case, args, work: Path) -> dict:
+    say = lambda text: stderr.print(f"[dim]{case.name}:[/dim] {text}", highlight=False)  # noqa: E731
+    reference = None
+    result = {"model": case.name, "path": _rel(case.path), "notes": case.notes, "tools": {}}
+    try:
+        session = runtime.make_session(str(case.path), optimize=False)
+        reference = [runtime.run(session, feeds) for feeds in case.check_feeds]
+    except runtime.RuntimeFailure as error:
+        case.notes.append(f"the original does not run in ORT: {error}")
+    result["original"] = inspect_output(str(case.path), case, None)
+    rows = {}
+    for tool in TOOLS:
+        if tool not in args.tools:
+            continue
+        say(f"running {tool}")
+        folder = work / tool
+        folder.mkdir(parents=True, exist_ok=True)
+        if tool == "onnxopt":
+            row = run_onnxopt(case, folder, args.timeout)
+        else:
+            row = run_peer(tool, case, folder, args.timeout)
+        if row.get("output"):
+            row.update(inspect_output(row["output"], case, reference))
+        rows[tool] = row
+    paths = {t: r["output"] for t, r in rows.items() if r.get("output") and not r.get("run_error")}
+    latency = {}
+    for threads in args.threads:
+        say(f"timing {len(paths) + 2} variants interleaved, {threads} thread(s)")
+        latency[str(threads)] = time_variants(case, paths, threads, args.seconds)
+    result["latency"] = latency
+    for tool, row in rows.items():
+        row["output"] = None  # temp paths mean nothing after the run
+        result["tools"][tool] = row
+    return result
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path).split("site-packages/")[-1]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _ratio_cell(entry: dict | None, is_control: bool = False) -> str:
+    if not entry:
+        return "-"
+    if "error" in entry:
+        return "[red]error[/red]"
+    text = f"{entry['ratio']:.3f} [{entry['low']:.3f}-{entry['high']:.3f}]"
+    if is_control:
+        return text
+    if entry["high"] < 1.0:
+        return f"[green]{text}[/green]"
+    return f"[red]{text}[/red]" if entry["low"] > 1.0 else text
+
+
+def _err_cell(row: dict) -> str:
+    if "run_error" in row:
+        return "[red]ORT fails[/red]"
+    if "max_abs_err" not in row:
+        return "-"
+    value = row["max_abs_err"]
+    text = "0" if value == 0 else f"{value:.2g}"
+    return text if row.get("is_close") else f"[red]{text} (over tol)[/red]"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(result: dict, args, console: Console) -> None:
+    original = result["original"]
+    table = Table(title=f"{result['model']}  ({result['path']}; opset {original['opset']}, "
+                        f"{original['nodes']} nodes, {original['bn_left']} BatchNormalization)",
+                  title_justify="left")
+    columns = ["tool", "wall s", "tool s", "peak MB", "nodes", "BN left", "size KB", "checker",
+               "max abs err", *[f"p50 ratio {t}T [95% CI]" for t in args.threads]]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("tool", "checker") else "right")
+    latency = result["latency"]
+    for label in ("original", "original (A/A)"):
+        table.add_row(label, "", "", "", str(original["nodes"]), str(original["bn_left"]),
+                      f"{original['file_kb']:.1f}", _check_cell(original), "0" if
+                      label.endswith("(A/A)") else "",
+                      *[_ratio_cell(latency[str(t)].get(label), True) if label.endswith("(A/A)")
+                        else "1" for t in args.threads])
+    for tool, row in result["tools"].items():
+        if row.get("error") and "nodes" not in row:
+            table.add_row(tool, _fmt(row.get("wall_s"), ".2f"), _fmt(row.get("tool_s"), ".2f"),
+                          _fmt(row.get("peak_mb"), ".0f"), "[red]failed[/red]", "", "", "", "",
+                          *["" for _ in args.threads])
+            continue
+        table.add_row(tool, _fmt(row.get("wall_s"), ".2f"), _fmt(row.get("tool_s"), ".2f"),
+                      _fmt(row.get("peak_mb"), ".0f"), str(row["nodes"]), _bn_cell(row),
+                      f"{row['file_kb']:.1f}", _check_cell(row), _err_cell(row),
+                      *[_ratio_cell(latency[str(t)].get(tool)) for t in args.threads])
+    console.print(table)
+    for line in footnotes(result):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print()
+
+
+def _bn_cell(row: dict) -> str:
+    return f"[yellow]{row['bn_left']}[/yellow]" if row["bn_left"] else "0"
+
+
+def _check_cell(row: dict) -> str:
+    if row["checker"] != "ok":
+        return "[red]FAIL[/red]"
+    return "ok" if row["checker_full"] == "ok" else "ok (full: [yellow]FAIL[/yellow])"
+
+
+def footnotes(result: dict) -> list[str]:
+    lines = [f"  note: {n}" for n in result["notes"]]
+    check = result["original"]
+    if check["checker_full"] != "ok":
+        lines.append(f"  original full_check: {check['checker_full']}")
+    for tool, row in result["tools"].items():
+        for key in ("error", "run_error", "mismatch"):
+            if row.get(key):
+                lines.append(f"  [red]{tool} {key.replace('_', ' ')}:[/red] {row[key]}")
+        if row.get("checker", "ok") != "ok":
+            lines.append(f"  {tool} checker: {row['checker']}")
+        elif row.get("checker_full", "ok") != "ok":
+            lines.append(f"  {tool} full_check: {row['checker_full']}")
+        if tool == "onnxopt" and "verification" in row:
+            v = row["verification"]
+            worst = (f"; worst {v.get('worst_output')} max abs {_num(v.get('worst_max_abs')):.2g}"
+                     if v.get("worst_output") else "")
+            colour = "green" if v["status"] == "passed" else "red"
+            lines.append(f"  onnxopt verification (own run, same inputs): [{colour}]{v['status']}"
+                         f"[/{colour}]{worst}" + (f"; {v['reason']}" if v.get("reason") else ""))
+    for threads, entries in result["latency"].items():
+        for label, entry in entries.items():
+            if "error" in entry:
+                lines.append(f"  [red]timing {label} ({threads}T):[/red] {entry['error']}")
+    return lines
+
+
+# ---------------------------------------------------------------- main
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("onnxopt", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "onnxsim",
+                    "onnxslim", "onnxoptimizer", "rapidocr-onnxruntime"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def parse_args(argv=None):
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", help="names or globs (digits_resnet, *_ts, "
+                        "ppocr_det, ppocr_rec, ppocr_cls) or .onnx paths; default: all present")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="timing budget per model and thread count (at least 20 rounds)")
+    parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 2], help="ORT intra-op thread counts, e.g. 1 or 1,2")
+    parser.add_argument("--tools", type=lambda s: s.split(","), default=list(TOOLS))
+    parser.add_argument("--timeout", type=float, default=600.0, help="per tool run, seconds")
+    parser.add_argument("--json", default=f"benchmarks/results/lossless-{today}.json")
+    parser.add_argument("--keep", help="keep the rewritten models in this folder")
+    parser.add_argument("--list", action="store_true", help="list the models found and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 200))
+    found = select(discover(), args.models)
+    if args.list or not found:
+        for name, path, _ in found:
+            console.print(f"{name:34} {_rel(path)}", highlight=False)
+        return 0 if found else 2
+    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "command": " ".join(["python", "benchmarks/lossless.py", *sys.argv[1:]]),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+               "versions": versions(),
+               "settings": {"seconds": args.seconds, "threads": args.threads,
+                            "tolerance": dataclasses.asdict(TOLERANCE),
+                            "ort": "CPU, ORT_ENABLE_ALL for timing, DISABLE_ALL for errors, "
+                                   "intra-op spinning off"},
+               "models": []}
+    work_root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lossless-"))
+    try:
+        for name, path, fixed in found:
+            result = bench_model(make_case(name, path, fixed), args, work_root / name)
+            results["models"].append(result)
+            render(result, args, console)
+            write_json(results, Path(args.json))  # after every model: a partial run still counts
+    finally:
+        if not args.keep:
+            shutil.rmtree(work_root, ignore_errors=True)
+    console.print(f"results: {args.json}", highlight=False)
+    return 0
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(results), indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _finite(data):
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    if isinstance(data, float):
+        return str(data) if not math.isfinite(data) else round(data, 6 if abs(data) >= 1e-3
+                                                                else 12)
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())
