@@ -7,7 +7,7 @@ onnxoptimizer, on the embedded default model, the exporter zoo in models/ and th
 Per model and tool:
 1. the tool runs in a fresh subprocess on the original file; we record its wall time (interpreter
    start and imports included), its own time (load + optimize + save, as the tool reports it) and
-   the subprocess's peak RSS (`os.wait4` rusage of exactly that child);
+   the subprocess's peak RSS (VmHWM of its own address space, see _run_tool.py);
 2. the output is inspected: nodes, BatchNormalization left, `onnx.checker`, file size, and max abs
    error against the original on the same inputs (ORT CPU, graph optimizations off for both, so
    ORT's own fusions hide nothing);
@@ -36,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -163,48 +162,53 @@ def make_case(name: str, path: Path, fixed) -> Case:
 # ---------------------------------------------------------------- running the tools
 
 
-def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
-    """Wall time, peak RSS (MB) and exit code of one subprocess."""
+def run_child(cmd: list[str], work: Path, stem: str, timeout: float) -> dict:
+    """Run `_run_tool.py` in a fresh process: wall time, the tool's own time, peak RSS, errors."""
+    log, result = work / f"{stem}.log", work / f"{stem}.result.json"
     with open(log, "w") as handle:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of exactly this child
+        proc = subprocess.Popen([sys.executable, str(RUNNER), str(result), *cmd], cwd=ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         wall = time.perf_counter() - start
-        timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
-            "log_tail": " | ".join(tail)[-600:], "timed_out": wall >= timeout}
-
-
-def _onnxopt_command() -> list[str]:
-    script = Path(sys.executable).parent / "onnxopt"
-    return [str(script)] if script.is_file() else [shutil.which("onnxopt") or "onnxopt"]
+    data = json.loads(result.read_text()) if result.is_file() else {}
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
+    error = data.get("error", "")
+    if not data:
+        error = f"timed out after {timeout:.0f} s" if wall >= timeout else (
+            tail or f"exit {proc.returncode}")
+    return {"wall_s": wall, "tool_s": data.get("seconds"), "peak_mb": data.get("peak_rss_mb"),
+            "exit_code": data.get("exit_code", proc.returncode), "error": error,
+            "detail": data.get("detail", {}), "log_tail": tail}
 
 
 def run_onnxopt(case: Case, work: Path, timeout: float) -> dict:
     """Timed run (--no-verify) and a separate verified run fed our inputs."""
     out, report = work / "onnxopt.onnx", work / "onnxopt-timed.json"
-    cmd = [*_onnxopt_command(), "optimize", str(case.path), "-o", str(out), "--bench", "none",
+    cmd = ["onnxopt", "optimize", str(case.path), "-o", str(out), "--bench", "none",
            "--no-verify", "--quiet", "--report", str(report)]
-    row = run_child(cmd, work / "onnxopt.log", timeout)
-    row["error"] = "" if row["returncode"] == 0 else row["log_tail"] or f"exit {row['returncode']}"
+    row = run_child(cmd, work, "onnxopt", timeout)
+    if row["exit_code"] != 0 and not row["error"]:
+        row["error"] = row["log_tail"] or f"exit {row['exit_code']}"
     if report.is_file():
         data = json.loads(report.read_text())
-        row["tool_s"] = data.get("seconds", {}).get("total")
+        row["onnxopt_seconds"] = data.get("seconds", {})
+        row["tool_s"] = row["onnxopt_seconds"].get("total", row["tool_s"])
         row["passes"] = [_pass_summary(p) for p in data.get("passes", [])]
+        row["onnxopt_notes"] = data.get("notes", [])
     row["output"] = str(out) if out.is_file() and not row["error"] else None
     row["verification"] = verify_onnxopt(case, work, timeout)
     return row
 
 
 def _pass_summary(run: dict) -> dict:
-    keep = ("name", "status", "modified", "counts", "reason", "error")
-    summary = {k: run[k] for k in keep if k in run}
+    summary = {k: v for k, v in run.items() if k != "log"}
     log = run.get("log") or []
-    summary["log"] = log[:20] + ([f"... {len(log) - 20} more"] if len(log) > 20 else [])
+    summary["log"] = log[:8] + ([f"... {len(log) - 8} more"] if len(log) > 8 else [])
     return summary
 
 
@@ -212,10 +216,11 @@ def verify_onnxopt(case: Case, work: Path, timeout: float) -> dict:
     feeds = work / "feeds.npz"
     np.savez(feeds, **{k: np.stack([f[k] for f in case.check_feeds]) for k in case.check_feeds[0]})
     report = work / "onnxopt-verified.json"
-    cmd = [*_onnxopt_command(), "optimize", str(case.path), "-o", str(work / "onnxopt-v.onnx"),
+    cmd = ["onnxopt", "optimize", str(case.path), "-o", str(work / "onnxopt-v.onnx"),
            "--bench", "none", "--quiet", "--inputs", str(feeds), "--report", str(report)]
-    child = run_child(cmd, work / "onnxopt-verify.log", timeout)
-    result = {"returncode": child["returncode"], "status": "error", "reason": child["log_tail"]}
+    child = run_child(cmd, work, "onnxopt-verify", timeout)
+    result = {"exit_code": child["exit_code"], "status": "error",
+              "reason": child["error"] or child["log_tail"]}
     if report.is_file():
         found = json.loads(report.read_text()).get("verification") or {}
         worst = max(found.get("outputs", []), key=lambda o: _num(o.get("max_abs")), default={})
@@ -235,14 +240,8 @@ def _num(value) -> float:
 def run_peer(tool: str, case: Case, work: Path, timeout: float) -> dict:
     if importlib.util.find_spec(PEER_PACKAGES[tool]) is None:
         return {"error": f"not installed (pip install {tool})", "output": None}
-    out, result = work / f"{tool}.onnx", work / f"{tool}.json"
-    cmd = [sys.executable, str(RUNNER), tool, str(case.path), str(out), str(result)]
-    row = run_child(cmd, work / f"{tool}.log", timeout)
-    data = json.loads(result.read_text()) if result.is_file() else {}
-    row["tool_s"] = data.get("seconds")
-    row["detail"] = data.get("detail", {})
-    row["error"] = data.get("error") or ("" if row["returncode"] == 0 else
-                                          "timed out" if row["timed_out"] else row["log_tail"])
+    out = work / f"{tool}.onnx"
+    row = run_child([tool, str(case.path), str(out)], work, tool, timeout)
     row["output"] = str(out) if out.is_file() and not row["error"] else None
     return row
 
@@ -290,7 +289,10 @@ def _checker(path: str, *, full: bool) -> str:
 
 
 def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: float) -> dict:
-    """Interleaved p50 ratios vs the original; 'original (A/A)' is a second session of it."""
+    """Interleaved p50 ratios vs the original; 'original (A/A)' is a second session of it.
+
+    The order inside each round is shuffled (seeded), so no variant always runs right after the
+    same neighbour or first in the round (which gave a ~0.5% bias on microsecond models)."""
     labels = ["original", "original (A/A)", *[t for t in TOOLS if paths.get(t)]]
     sources = {"original": str(case.path), "original (A/A)": str(case.path), **paths}
     sessions, results = [], {}
@@ -300,16 +302,33 @@ def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: floa
         except runtime.RuntimeFailure as error:
             results[label] = {"error": str(error)}
     try:
-        timings = bench.measure([s for _, s in sessions], case.timing_feeds, seconds=seconds,
-                                min_runs=20)
+        # bench.measure warms every session up until its median settles; its few timed rounds
+        # are discarded, the shuffled rounds below are the measurement.
+        bench.measure([s for _, s in sessions], case.timing_feeds, seconds=0.0, min_runs=3)
+        times = _shuffled_rounds([s for _, s in sessions], case.timing_feeds, seconds)
     except runtime.RuntimeFailure as error:
         return {label: {"error": str(error)} for label in labels}
-    base = timings[0].times_ms
-    for (label, _), latency in zip(sessions, timings):
-        ratio, low, high = bench.ratio_ci(base, latency.times_ms)
-        results[label] = {"runs": latency.runs, "p50_ms": latency.p50_ms,
-                          "p90_ms": latency.p90_ms, "ratio": ratio, "low": low, "high": high}
+    for (label, _), samples in zip(sessions, times):
+        ratio, low, high = bench.ratio_ci(times[0], samples)
+        results[label] = {"runs": len(samples), "p50_ms": float(np.median(samples)),
+                          "p90_ms": float(np.percentile(samples, 90)), "ratio": ratio,
+                          "low": low, "high": high}
     return results
+
+
+def _shuffled_rounds(sessions: list, feeds, seconds: float, min_rounds: int = 20,
+                     max_rounds: int = 5000) -> list[list[float]]:
+    rng = np.random.default_rng(0)
+    times: list[list[float]] = [[] for _ in sessions]
+    deadline = time.perf_counter() + seconds
+    while len(times[0]) < max_rounds and (
+        len(times[0]) < min_rounds or time.perf_counter() < deadline
+    ):
+        for index in rng.permutation(len(sessions)):
+            start = time.perf_counter()
+            runtime.run(sessions[index], feeds)
+            times[index].append((time.perf_counter() - start) * 1000.0)
+    return times
 
 
 # ---------------------------------------------------------------- one model
@@ -361,17 +380,19 @@ def _rel(path: Path) -> str:
 # ---------------------------------------------------------------- rendering
 
 
-def _ratio_cell(entry: dict | None, is_control: bool = False) -> str:
+def _ratio_cell(entry: dict | None, control: dict | None = None) -> str:
+    """Coloured only when the interval clears both 1 and the A/A control's interval: on this
+    machine the A/A ratio itself can miss 1 by a few percent (2 threads on 2 shared cores)."""
     if not entry:
         return "-"
     if "error" in entry:
         return "[red]error[/red]"
     text = f"{entry['ratio']:.3f} [{entry['low']:.3f}-{entry['high']:.3f}]"
-    if is_control:
+    if control is None or "error" in control:
         return text
-    if entry["high"] < 1.0:
+    if entry["high"] < min(1.0, control["low"]):
         return f"[green]{text}[/green]"
-    return f"[red]{text}[/red]" if entry["low"] > 1.0 else text
+    return f"[red]{text}[/red]" if entry["low"] > max(1.0, control["high"]) else text
 
 
 def _err_cell(row: dict) -> str:
@@ -402,7 +423,7 @@ def render(result: dict, args, console: Console) -> None:
         table.add_row(label, "", "", "", str(original["nodes"]), str(original["bn_left"]),
                       f"{original['file_kb']:.1f}", _check_cell(original), "0" if
                       label.endswith("(A/A)") else "",
-                      *[_ratio_cell(latency[str(t)].get(label), True) if label.endswith("(A/A)")
+                      *[_ratio_cell(latency[str(t)].get(label)) if label.endswith("(A/A)")
                         else "1" for t in args.threads])
     for tool, row in result["tools"].items():
         if row.get("error") and "nodes" not in row:
@@ -413,7 +434,8 @@ def render(result: dict, args, console: Console) -> None:
         table.add_row(tool, _fmt(row.get("wall_s"), ".2f"), _fmt(row.get("tool_s"), ".2f"),
                       _fmt(row.get("peak_mb"), ".0f"), str(row["nodes"]), _bn_cell(row),
                       f"{row['file_kb']:.1f}", _check_cell(row), _err_cell(row),
-                      *[_ratio_cell(latency[str(t)].get(tool)) for t in args.threads])
+                      *[_ratio_cell(latency[str(t)].get(tool),
+                                    latency[str(t)].get("original (A/A)")) for t in args.threads])
     console.print(table)
     for line in footnotes(result):
         console.print(line, highlight=False, soft_wrap=True)
@@ -485,12 +507,19 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=f"benchmarks/results/lossless-{today}.json")
     parser.add_argument("--keep", help="keep the rewritten models in this folder")
     parser.add_argument("--list", action="store_true", help="list the models found and exit")
+    parser.add_argument("--render", metavar="JSON", help="print the tables of a saved run and exit")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 200))
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        args.threads = saved["settings"]["threads"]
+        for result in saved["models"]:
+            render(result, args, console)
+        return 0
     found = select(discover(), args.models)
     if args.list or not found:
         for name, path, _ in found:

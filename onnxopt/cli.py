@@ -177,23 +177,22 @@ def list_passes():
 def main() -> None:
     """Console entry point: one line per error, never a traceback unless --debug."""
     try:
-        app(standalone_mode=False)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
+        # Outside standalone mode typer returns the exit code of typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
     except OnnxoptError as error:
         stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         stderr.print("aborted")
         sys.exit(130)
-    except Exception as error:  # click's usage errors and our own bugs
-        import click
-
-        if isinstance(error, click.ClickException):
+    except typer.TyperException as error:  # usage errors (click's, bundled inside typer)
+        if hasattr(error, "show"):
             error.show()
-            sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
+    except Exception as error:  # our own bugs
         if _state["debug"]:
             raise
         stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {error}; "
                      "rerun with --debug for the traceback", highlight=False, soft_wrap=True)
         sys.exit(3)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -59,7 +59,19 @@ def load(path: str | os.PathLike) -> ir.Model:
     except onnx.checker.ValidationError as error:
         first = str(error).strip().splitlines()[0]
         raise BadInputError(f"{path}: fails the ONNX checker: {first}") from None
+    _check_opsets(proto, path)
     return model
+
+
+def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
+    """The checker validates against the newest schemas, so it accepts an opset from the future;
+    no runtime can run one, and the version converter cannot move it."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise BadInputError(
+                f"{path}: imports ONNX opset {opset.version}; this onnx knows opsets 1 to {newest}"
+            )
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

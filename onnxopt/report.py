@@ -96,6 +96,13 @@ def _change(before: float | None, after: float | None, *, fmt=_size, lower_is_be
     return f"[green]{text}[/green]" if is_better else f"[red]{text}[/red]"
 
 
+def _macs(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return str(n)
+
+
 def _count(n) -> str:
     return f"{n:,}"
 
@@ -202,9 +209,9 @@ def render_stats(stats: ModelStats, path: str, console: Console) -> None:
     table.add_row("file size", _size(stats.file_bytes), "")
     table.add_row("inputs", escape("\n".join(map(str, stats.inputs))), "")
     table.add_row("outputs", escape("\n".join(map(str, stats.outputs))), "")
-    total = sum(stats.macs.values())
-    table.add_row("[bold]ops", "", f"{total / 1e6:,.1f} M" + (" (partial)" if stats.macs_partial else ""))
+    total = _macs(sum(stats.macs.values())) + (" (partial)" if stats.macs_partial else "")
+    table.add_row("[bold]ops", "", total)
     for op, count in sorted(stats.ops.items(), key=lambda kv: -kv[1]):
         macs = stats.macs.get(op)
-        table.add_row(op, str(count), f"{macs / 1e6:,.2f} M" if macs else "")
+        table.add_row(op, str(count), _macs(macs) if macs else "")
     console.print(table)

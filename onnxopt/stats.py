@@ -136,7 +136,6 @@ def _node_macs(node: ir.Node) -> int | None:
     weight = _static(node.inputs[1]) if len(node.inputs) > 1 else None
     if out is None or weight is None:
         return None
-    group = node.attributes.get_int("group", 1)
     if node.op_type == "Conv":
         return int(np.prod(out)) * int(np.prod(weight[1:]))
     if node.op_type == "ConvTranspose":

@@ -4,7 +4,8 @@ Steps, in order (each counted and logged by the nodes and initializers it remove
   1. Constant nodes holding tensors become initializers (Paddle and TF exports keep every weight
      in a Constant node; later passes and ORT's pre-packing look at initializers).
   2. Inference Dropout becomes Identity: always for opset < 12, and for opset >= 12 when
-     `training_mode` is absent or constant false. Refused when its `mask` output is used.
+     `training_mode` is absent or constant false. One whose `mask` output is used is left to
+     step 4 (opset >= 12: the mask becomes an all-true constant) or refused (opset < 12).
   3. Identity nodes are removed (onnx-ir IdentityEliminationPass).
   4. Constant folding (onnxscript's folder) with a size limit, so that ConstantOfShape, Tile or
      Expand never materialise a huge tensor in the file.
@@ -59,10 +60,14 @@ class CleanupPass(ir.passes.InPlacePass):
         _counted(report, model, "removed", common.IdentityEliminationPass())
         if self.options.fold_constants:
             _counted(report, model, "folded", optimizer.constant_folding.FoldConstantsPass(
-                shape_inference=False,
+                # Shapes of intermediates let Shape/Size of an un-annotated value fold.
+            shape_inference=True,
                 input_size_limit=self.options.fold_input_limit,
                 output_size_limit=self.options.fold_output_limit,
             ))
+        # Folding leaves Constant nodes behind (e.g. a Dropout's all-true mask): lift them too.
+        _counted(report, model, "Constant lifted",
+                 common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
         _counted(report, model, "removed", common.RemoveUnusedFunctionsPass())
         _counted(report, model, "merged",
@@ -100,7 +105,8 @@ def _replace_inference_dropout(model: ir.Model, report: PassReport) -> None:
             if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
                 continue
             if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
-                report.refuse(f"kept {describe(node)}: its mask output is used")
+                if opset_version(graph) < 12:  # opset >= 12: step 4 turns the mask into a constant
+                    report.refuse(f"kept {describe(node)}: its mask output is used")
                 continue
             if opset_version(graph) >= 12 and len(node.inputs) > 2 and node.inputs[2] is not None:
                 training = constant(node.inputs[2])

@@ -322,7 +322,7 @@ def custom_op_model(seed: int = 5) -> onnx.ModelProto:
 
 
 def test_custom_op_end_to_end_skips_verification(tmp_path):
-    """ORT lacks com.example::Foo: the rewrite is still saved, and the report says why unverified."""
+    """ORT lacks com.example::Foo: the rewrite is still saved; the report says why unverified."""
     path = save(custom_op_model(), tmp_path / "custom.onnx")
     result = run_exe("optimize", "custom.onnx", "-o", "out.onnx", "--report", "r.json",
                      "--bench-seconds", "0.2", "-q", cwd=tmp_path)
