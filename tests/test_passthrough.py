@@ -412,8 +412,8 @@ def test_cleanup_removes_inference_dropout(training):
 
 
 def test_cleanup_turns_an_inference_dropout_mask_into_a_constant():
-    """Opset 13: at inference the mask is all true; the folder replaces it by a constant (kept as
-    a Constant node here, because it is a graph output)."""
+    """Opset 13: at inference the mask is all true; the folder replaces it by a ConstantOfShape
+    (not materialised: it is a graph output of x's shape)."""
     model = dropout_model(mask=True)
     result = cleanup(model)
     assert [v.name for v in result.model.graph.outputs] == ["y", "mask"]
@@ -421,7 +421,7 @@ def test_cleanup_turns_an_inference_dropout_mask_into_a_constant():
     for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
         np.testing.assert_array_equal(actual, expected)
     assert op_count(result.model, "Dropout") == 0
-    assert result.model.graph.outputs[1].producer().op_type == "Constant"
+    assert result.model.graph.outputs[1].producer().op_type == "ConstantOfShape"
     assert not any(line.startswith("kept 'dropout'") for line in result.log)
 
 
