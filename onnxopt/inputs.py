@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -166,6 +167,8 @@ def load_npz(path: str | os.PathLike, model: ir.Model, *, ignore: Sequence[str] 
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: no such inputs file")
+    if not zipfile.is_zipfile(path):  # np.load would talk about pickles instead
+        raise BadInputError(f"{path}: not an .npz file (np.savez writes one array per input name)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files if k not in ignore}

@@ -57,8 +57,10 @@ def load(path: str | os.PathLike) -> ir.Model:
         # and models over 2 GB work.
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
-        first = str(error).strip().splitlines()[0]
-        raise BadInputError(f"{path}: fails the ONNX checker: {first}") from None
+        # The checker's messages span lines ("input 'x' of node:\nname: relu OpType: Relu\n...");
+        # fold them into the one line we print.
+        text = " ".join(str(error).split())
+        raise BadInputError(f"{path}: fails the ONNX checker: {text[:400]}") from None
     _check_opsets(proto, path)
     return model
 
