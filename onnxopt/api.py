@@ -19,10 +19,10 @@ import onnx_ir.passes.common as common
 
 from onnxopt import bench, inputs, io, pipeline, runtime, stats
 from onnxopt import verify as verify_mod
-from onnxopt.verify import Tolerance
 from onnxopt.errors import BadInputError
 from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
 from onnxopt.report import LatencyComparison, Report
+from onnxopt.verify import Tolerance
 
 __all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OnnxoptError", "BadInputError", "CheckFailedError", "describe_node"]
+__all__ = ["OnnxoptError", "BadInputError", "CheckFailedError"]
 
 
 class OnnxoptError(Exception):
@@ -21,11 +21,3 @@ class CheckFailedError(OnnxoptError):
     """A check the user asked for did not hold: validation over tolerance (exit 1)."""
 
     exit_code = 1
-
-
-def describe_node(node, index: int | None = None) -> str:
-    """`'bn3' (BatchNormalization)`, or `<unnamed Conv #12>` when the exporter gave no name."""
-    if node.name:
-        return f"{node.name!r} ({node.op_type})"
-    suffix = f" #{index}" if index is not None else ""
-    return f"<unnamed {node.op_type}{suffix}>"

@@ -17,7 +17,6 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxopt.passes._graph import NameSource, constant, describe, rank_of
 
 __all__ = ["Unit", "find_unit", "per_channel", "fold_after", "new_initializer"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxopt.passes._affine import new_initializer
 from onnxopt.passes._graph import NameSource, constant, describe, rank_of
 

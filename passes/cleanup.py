@@ -21,10 +21,9 @@ import logging
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript import optimizer
-
 from onnxopt.passes._graph import all_graphs, constant, describe, opset_version
 from onnxopt.passes._report import PassReport
+from onnxscript import optimizer
 
 __all__ = ["CleanupPass", "CleanupOptions"]
 

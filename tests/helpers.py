@@ -84,3 +84,20 @@ def op_count(model, op_type: str) -> int:
 
 def to_ir(model: onnx.ModelProto) -> ir.Model:
     return ir.serde.deserialize_model(model)
+
+
+def invoke_cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+    """`onnxopt ARGV` in this process, through the real entry point; (exit code, stdout, stderr)."""
+    import sys
+
+    from onnxopt import cli
+
+    monkeypatch.setattr(sys, "argv", ["onnxopt", *map(str, argv)])
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as done:
+        code = 0 if done.code is None else done.code
+    out, err = capsys.readouterr()
+    return code, out, err

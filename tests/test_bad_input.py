@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import bn_node, bn_params, make_model, op_count, tensor, value_info
+from helpers import bn_node, bn_params, invoke_cli, make_model, op_count, tensor, value_info
 from onnx import helper
-
-from onnxopt import cli
-
 
 # ---------------------------------------------------------------------------------------------
 # Builders and runners
@@ -51,15 +48,7 @@ def run_cli(argv: list[str], capsys, monkeypatch, cwd: Path | None = None) -> tu
     """`onnxopt ARGV` in this process, through the real entry point (`cli.main`)."""
     if cwd is not None:
         monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["onnxopt", *argv])
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = 0 if done.code is None else done.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(argv, capsys, monkeypatch)
 
 
 def listing(folder: Path) -> set[str]:

@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, bn_node, bn_params, make_model, op_count, run, tensor
-from helpers import value_info
+from helpers import (
+    assert_same_outputs,
+    bn_node,
+    bn_params,
+    invoke_cli,
+    make_model,
+    op_count,
+    tensor,
+    value_info,
+)
 from onnx import helper, numpy_helper
 from rich.console import Console
 
@@ -50,15 +58,7 @@ def cli_run(capsys, monkeypatch):
     monkeypatch.setattr(cli, "stdout", Console(width=200))  # no wrapped table cells
 
     def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["onnxopt", *map(str, args)])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as done:
-            code = 0 if done.code is None else done.code
-        out, err = capsys.readouterr()
-        return code, out, err
+        return invoke_cli(args, capsys, monkeypatch)
 
     return invoke
 

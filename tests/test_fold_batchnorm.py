@@ -6,10 +6,17 @@ import numpy as np
 import onnx
 import pytest
 from helpers import (
-    assert_same_outputs, bn_node, bn_params, make_model, op_count, run, tensor, to_ir, value_info,
+    assert_same_outputs,
+    bn_node,
+    bn_params,
+    make_model,
+    op_count,
+    run,
+    tensor,
+    to_ir,
+    value_info,
 )
 from onnx import TensorProto, helper
-
 from onnxopt.passes import FoldBatchNormOptions, FoldBatchNormPass
 
 

@@ -8,12 +8,20 @@ import onnx
 import onnx_ir as ir
 import pytest
 from helpers import (
-    assert_same_outputs, bn_node, bn_params, make_model, op_count, run, tensor, to_ir, value_info,
+    assert_same_outputs,
+    bn_node,
+    bn_params,
+    make_model,
+    op_count,
+    run,
+    tensor,
+    to_ir,
+    value_info,
 )
 from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes import CleanupOptions, CleanupPass
 
 import onnxopt
-from onnxopt.passes import CleanupOptions, CleanupPass
 from onnxopt.verify import Tolerance
 
 NO_BENCH = onnxopt.OptimizeOptions(bench=())

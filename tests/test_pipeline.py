@@ -7,9 +7,9 @@ import onnx_ir as ir
 import pytest
 from helpers import bn_node, bn_params, make_model, op_count, tensor, to_ir, value_info
 from onnx import helper
+from onnxopt.passes import CleanupPass, FoldBatchNormPass, PassReport
 
 from onnxopt import inputs, pipeline, verify
-from onnxopt.passes import CleanupPass, FoldBatchNormPass, PassReport
 
 
 class BreakWeightsPass(ir.passes.InPlacePass):
