@@ -1,5 +1,5 @@
 """Lossless optimization benchmark: onnxopt's default pipeline against onnxsim, onnxslim and
-onnxoptimizer, on the embedded default model, the exporter zoo in models/ and three real PP-OCR models.
+onnxoptimizer, on the embedded default model, the exporter zoo in models/ and three PP-OCR models.
 
     python benchmarks/lossless.py [--models NAME ...] [--seconds S] [--threads 1,2]
                                   [--json benchmarks/results/lossless-<date>.json]
@@ -12,9 +12,9 @@ Per model and tool:
    error against the original on the same inputs (ORT CPU, graph optimizations off for both, so
    ORT's own fusions hide nothing);
 3. latency: every variant, plus the original a second time (an A/A control that shows the noise
-   floor), in one process, interleaved (A A' B C D E A A' ...), ORT graph optimizations on (what users
-   run), intra-op spinning off, for each thread count; the ratio p50(variant) / p50(original) with a
-   bootstrap 95% interval (onnxopt.bench). Only ratios are printed: this machine is shared.
+   floor), in one process, interleaved (A A' B C D E, shuffled each round), ORT graph optimizations
+   on (what users run), intra-op spinning off, for each thread count; the ratio p50(variant) /
+   p50(original) with a bootstrap 95% interval (onnxopt.bench). Only ratios are printed.
 
 onnxopt's own verification result (`onnxopt optimize` without --no-verify, fed the same inputs as
 an .npz) is recorded separately from the timed run (`--bench none --no-verify`).
@@ -206,10 +206,8 @@ def run_onnxopt(case: Case, work: Path, timeout: float) -> dict:
 
 
 def _pass_summary(run: dict) -> dict:
-    summary = {k: v for k, v in run.items() if k != "log"}
-    log = run.get("log") or []
-    summary["log"] = log[:8] + ([f"... {len(log) - 8} more"] if len(log) > 8 else [])
-    return summary
+    """Counts, not the per-node log: the JSON stays small enough to commit."""
+    return {k: v for k, v in run.items() if k != "log"}
 
 
 def verify_onnxopt(case: Case, work: Path, timeout: float) -> dict:
@@ -335,7 +333,9 @@ def _shuffled_rounds(sessions: list, feeds, seconds: float, min_rounds: int = 20
 
 
 def bench_model(case: Case, args, work: Path) -> dict:
-    say = lambda text: stderr.print(f"[dim]{case.name}:[/dim] {text}", highlight=False)  # noqa: E731
+    def say(text: str) -> None:
+        stderr.print(f"[dim]{case.name}:[/dim] {text}", highlight=False)
+
     reference = None
     result = {"model": case.name, "path": _rel(case.path), "notes": case.notes, "tools": {}}
     try:
@@ -366,6 +366,8 @@ def bench_model(case: Case, args, work: Path) -> dict:
     result["latency"] = latency
     for tool, row in rows.items():
         row["output"] = None  # temp paths mean nothing after the run
+        if not row.get("error"):
+            row.pop("log_tail", None)
         result["tools"][tool] = row
     return result
 
@@ -493,6 +495,19 @@ def versions() -> dict[str, str]:
     return found
 
 
+def git_state() -> dict:
+    """The commit, and the files that differ from it: other work may be in progress."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "changed": [c for c in changed if not c.startswith("benchmarks/")]}
+
+
 def parse_args(argv=None):
     today = datetime.date.today().isoformat()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -528,7 +543,7 @@ def main(argv=None) -> int:
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                "command": " ".join(["python", "benchmarks/lossless.py", *sys.argv[1:]]),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-               "versions": versions(),
+               "versions": versions(), "git": git_state(),
                "settings": {"seconds": args.seconds, "threads": args.threads,
                             "tolerance": dataclasses.asdict(TOLERANCE),
                             "ort": "CPU, ORT_ENABLE_ALL for timing, DISABLE_ALL for errors, "

@@ -24,8 +24,12 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def describe(node: ir.Node) -> str:
-    """`'bn3' (BatchNormalization)`, or `<unnamed BatchNormalization>`."""
-    return f"{node.name!r} ({node.op_type})" if node.name else f"<unnamed {node.op_type}>"
+    """`'bn3' (BatchNormalization)`; an unnamed node by its first output, which is unique:
+    `<unnamed Constant -> 'p2o.Constant.12'>`."""
+    if node.name:
+        return f"{node.name!r} ({node.op_type})"
+    output = node.outputs[0].name if node.outputs and node.outputs[0].name else "?"
+    return f"<unnamed {node.op_type} -> {output!r}>"
 
 
 def all_graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:

@@ -23,7 +23,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxopt.passes._graph import all_graphs, constant, describe, opset_version
 from onnxopt.passes._report import PassReport
-from onnxscript import optimizer
 
 __all__ = ["CleanupPass", "CleanupOptions"]
 
@@ -53,19 +52,25 @@ class CleanupPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
-        _counted(report, model, "Constant lifted",
+        _counted(report, model, "lifted",
                  common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
         _replace_inference_dropout(model, report)
         _counted(report, model, "removed", common.IdentityEliminationPass())
         if self.options.fold_constants:
-            _counted(report, model, "folded", optimizer.constant_folding.FoldConstantsPass(
+            # Imported here: onnxscript takes most of a second to import, and `onnxopt --help`
+            # or `inspect` should not pay for it.
+            from onnxscript.optimizer import constant_folding
+
+            unshaped = _unshaped_values(model)
+            _counted(report, model, "folded", constant_folding.FoldConstantsPass(
                 # Shapes of intermediates let Shape/Size of an un-annotated value fold.
             shape_inference=True,
                 input_size_limit=self.options.fold_input_limit,
                 output_size_limit=self.options.fold_output_limit,
             ))
+            _forget_inferred_shapes(unshaped)
         # Folding leaves Constant nodes behind (e.g. a Dropout's all-true mask): lift them too.
-        _counted(report, model, "Constant lifted",
+        _counted(report, model, "lifted",
                  common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
         _counted(report, model, "removed", common.RemoveUnusedFunctionsPass())
@@ -82,11 +87,24 @@ def _counted(report: PassReport, model: ir.Model, verb: str, step: ir.passes.Pas
     inits_before = _initializers(model)
     step(model)
     for node in nodes_before - _nodes(model):
-        if verb == "Constant lifted" and node.op_type != "Constant":
+        if verb == "lifted" and node.op_type != "Constant":
             continue
         report.change(f"{node.op_type} {verb}", f"{verb} {describe(node)}")
     for value in inits_before - _initializers(model):
         report.change(f"initializer {verb}", f"{verb} initializer {value.name!r}")
+
+
+def _unshaped_values(model: ir.Model) -> list[tuple[ir.Value, ir.TypeProtocol | None]]:
+    return [(v, v.type) for g in all_graphs(model) for n in g for v in n.outputs
+            if v.shape is None]
+
+
+def _forget_inferred_shapes(values: list[tuple[ir.Value, ir.TypeProtocol | None]]) -> None:
+    """The folder infers shapes to fold Shape/Size; keep them out of the saved file, which
+    would otherwise grow by a value_info per tensor even when nothing was folded."""
+    for value, type_ in values:
+        if not value.is_graph_output() and not value.is_initializer():
+            value.shape, value.type = None, type_
 
 
 def _nodes(model: ir.Model) -> set[ir.Node]:
