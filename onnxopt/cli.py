@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxopt import api, demo, report, verify
@@ -148,16 +149,16 @@ def validate(
     """Run A and B on the same inputs and compare every output; exit 1 over tolerance."""
     result = api.validate(reference, candidate, inputs_file=inputs, shapes=_shapes(shape),
                           batches=batches, tolerance=verify.Tolerance(rtol, atol))
-    table = Table(title=f"onnxopt validate: {candidate} vs {reference}")
+    table = Table(title=escape(f"onnxopt validate: {candidate} vs {reference}"))
     for column in ("output", "max abs", "max rel", "cosine", "SQNR dB", "within tolerance"):
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in result.outputs:
-        mark = "[green]yes[/green]" if out.is_close else f"[red]no[/red] {out.reason}"
-        table.add_row(out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", f"{out.cosine:.6f}",
+        mark = "[green]yes[/green]" if out.is_close else f"[red]no[/red] {escape(out.reason)}"
+        table.add_row(escape(out.name), f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", f"{out.cosine:.6f}",
                       f"{out.sqnr_db:.1f}", mark)
     stdout.print(table)
     stdout.print(f"{result.status} on {result.batches} batches (rtol {rtol}, atol {atol})"
-                 + (f": {result.reason}" if result.reason else ""))
+                 + (f": {escape(result.reason)}" if result.reason else ""))
     if not result.passed:
         raise typer.Exit(1)
 
@@ -180,7 +181,7 @@ def main() -> None:
         # Outside standalone mode typer returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)
     except OnnxoptError as error:
-        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         stderr.print("aborted")
@@ -192,7 +193,7 @@ def main() -> None:
     except Exception as error:  # our own bugs
         if _state["debug"]:
             raise
-        stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {error}; "
+        stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))}; "
                      "rerun with --debug for the traceback", highlight=False, soft_wrap=True)
         sys.exit(3)
     sys.exit(code if isinstance(code, int) else 0)

@@ -109,7 +109,7 @@ def _count(n) -> str:
 
 def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
     a, b = report.original, report.optimized
-    table = Table(title=f"onnxopt: {report.source} -> {report.destination or '(not saved)'}")
+    table = Table(title=escape(f"onnxopt: {report.source} -> {report.destination or '(not saved)'}"))
     for column in ("", "original", "optimized", "change"):
         table.add_column(column, justify="left" if not column else "right")
     table.add_row("[bold]model", "", "", "")
@@ -145,23 +145,24 @@ def _ops_rows(table: Table, a: ModelStats, b: ModelStats, all_ops: bool) -> None
     table.add_row("[bold]ops" + ("" if all_ops else " (changed)"), "", "", "")
     for name in shown:
         x, y = a.ops.get(name, 0), b.ops.get(name, 0)
-        table.add_row(name, str(x), str(y), _change(x, y, fmt=_count))
+        table.add_row(escape(name), str(x), str(y), _change(x, y, fmt=_count))
 
 
 def _accuracy_rows(table: Table, verification: Verification | None) -> None:
     table.add_row("[bold]accuracy vs original", "", "", "")
     if verification is None or verification.status == "skipped":
         reason = verification.reason if verification else "verification off (--no-verify)"
-        table.add_row("verification", "", f"[yellow]skipped[/yellow]: {reason}", "")
+        table.add_row("verification", "", f"[yellow]skipped[/yellow]: {escape(reason)}", "")
         return
     colour = "green" if verification.passed else "red"
     table.add_row("verification", f"{verification.batches} batches",
-                  f"[{colour}]{verification.status}[/{colour}]", verification.reason)
+                  f"[{colour}]{verification.status}[/{colour}]", escape(verification.reason))
     for out in verification.outputs:
-        table.add_row(f"{out.name}: max abs", "", f"{out.max_abs:.3g}", "")
-        table.add_row(f"{out.name}: cosine", "", f"{out.cosine:.6f}", "")
+        name = escape(out.name)
+        table.add_row(f"{name}: max abs", "", f"{out.max_abs:.3g}", "")
+        table.add_row(f"{name}: cosine", "", f"{out.cosine:.6f}", "")
         sqnr = "exact" if math.isinf(out.sqnr_db) and out.sqnr_db > 0 else f"{out.sqnr_db:.1f} dB"
-        table.add_row(f"{out.name}: SQNR", "", sqnr, out.reason)
+        table.add_row(f"{name}: SQNR", "", sqnr, escape(out.reason))
 
 
 def _latency_rows(table: Table, latency: list[LatencyComparison]) -> None:
@@ -195,7 +196,7 @@ def _pass_line(run: PassRun) -> str:
 
 def render_stats(stats: ModelStats, path: str, console: Console) -> None:
     """`onnxopt inspect`: one model's table."""
-    table = Table(title=f"onnxopt inspect: {path}")
+    table = Table(title=escape(f"onnxopt inspect: {path}"))
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_column("MACs", justify="right")
@@ -213,5 +214,5 @@ def render_stats(stats: ModelStats, path: str, console: Console) -> None:
     table.add_row("[bold]ops", "", total)
     for op, count in sorted(stats.ops.items(), key=lambda kv: -kv[1]):
         macs = stats.macs.get(op)
-        table.add_row(op, str(count), _macs(macs) if macs else "")
+        table.add_row(escape(op), str(count), _macs(macs) if macs else "")
     console.print(table)

@@ -29,3 +29,23 @@ def test_measure_interleaves_and_summarises():
     assert a.runs == b.runs >= 20  # interleaved: equal counts
     assert 0 < a.p50_ms <= a.p90_ms
     assert a.p50_ms == np.percentile(a.times_ms, 50)
+
+
+def test_missing_onnxruntime_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from helpers import invoke_cli
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    path = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [value_info("x", [2])],
+                         [value_info("y", [2])]), str(path))
+    code, out, err = invoke_cli(["optimize", str(path), "-o", str(tmp_path / "o.onnx")],
+                                capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: onnxruntime is not installed: pip install 'onnxopt[cpu]' "
+        "(or 'onnxopt[gpu]' for CUDA; never both)"]
+    assert not (tmp_path / "o.onnx").exists()
