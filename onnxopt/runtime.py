@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -37,6 +38,12 @@ class RuntimeFailure(OnnxoptError):
 
 def onnxruntime():
     """The onnxruntime module, or a one-line error naming the extra that installs it."""
+    installed = _runtime_distributions()
+    if len(installed) > 1:
+        raise BadInputError(
+            f"both {' and '.join(installed)} are installed; they share one module and break each "
+            "other: pip uninstall -y onnxruntime onnxruntime-gpu, then install one extra"
+        )
     try:
         import onnxruntime as ort
     except ImportError:
@@ -74,6 +81,20 @@ def make_session(
         return ort.InferenceSession(model, options, providers=[name])
     except Exception as error:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
         raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+
+
+@functools.cache
+def _runtime_distributions() -> list[str]:
+    from importlib import metadata
+
+    names = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.distribution(name)
+            names.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return names
 
 
 @contextlib.contextmanager

@@ -49,3 +49,14 @@ def test_missing_onnxruntime_is_one_clear_line(monkeypatch, tmp_path, capsys):
         "error: onnxruntime is not installed: pip install 'onnxopt[cpu]' "
         "(or 'onnxopt[gpu]' for CUDA; never both)"]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_both_runtimes_installed_is_refused(monkeypatch):
+    import pytest
+
+    from onnxopt.errors import BadInputError
+
+    monkeypatch.setattr(runtime, "_runtime_distributions",
+                        lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with pytest.raises(BadInputError, match="both onnxruntime and onnxruntime-gpu are installed"):
+        runtime.onnxruntime()
