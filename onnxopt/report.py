@@ -17,7 +17,8 @@ from onnxopt.pipeline import PassRun
 from onnxopt.stats import ModelStats
 from onnxopt.verify import Verification
 
-__all__ = ["Report", "LatencyComparison", "render", "write_json", "render_stats"]
+__all__ = ["Report", "LatencyComparison", "render", "write_json", "write_dict_json", "render_stats",
+           "render_bench"]
 
 
 @dataclasses.dataclass
@@ -70,10 +71,7 @@ def _finite(data):
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.as_dict(), indent=2))
-    os.replace(tmp, path)
+    write_dict_json(report.as_dict(), path)
 
 
 def _size(n: int | None) -> str:
@@ -216,3 +214,49 @@ def render_stats(stats: ModelStats, path: str, console: Console) -> None:
         macs = stats.macs.get(op)
         table.add_row(escape(op), str(count), _macs(macs) if macs else "")
     console.print(table)
+
+
+def render_bench(result, console: Console) -> None:
+    """`onnxopt bench`: one row per model, provider and batch; errors and fallbacks below."""
+    table = Table(title="onnxopt bench: interleaved runs; ratio = p50 / p50 of model #1")
+    for column in ("#", "model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "std ms",
+                   "samples/s", "vs #1 [95% CI]", "peak MB", "nodes run by"):
+        table.add_column(column, justify="left" if column in ("model", "ep") else "right",
+                         no_wrap=column in ("vs #1 [95% CI]", "nodes run by"))
+    notes: list[str] = []
+    for number, row in enumerate(result.rows):
+        position = number % len(result.models)  # rows come in groups of every model, in order
+        label = escape(Path(row.model).name)
+        if row.error is not None:
+            notes.append(f"{row.ep}: {row.error}")
+            continue
+        lat = row.latency
+        ratio = "-"
+        if row.ratio is not None:
+            value, low, high = row.ratio
+            colour = "green" if high < 1 else "red" if low > 1 else "default"
+            ratio = f"[{colour}]{value:.3f}[/{colour}] [{low:.3f}-{high:.3f}]"
+        where = row.placement
+        table.add_row(
+            str(position + 1), label, row.ep, str(row.batch), f"{lat.p50_ms:.3f}",
+            f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.std_ms:.3f}",
+            f"{lat.throughput:,.1f}", ratio, "-" if row.memory_mb is None else f"{row.memory_mb:.1f}",
+            " + ".join(f"{ep} {n}" for ep, n in sorted(where.nodes.items())) if where else "-",
+        )
+        if where and where.fallback:
+            notes.append(f"#{position + 1} on {row.ep}, batch {row.batch}: {where.summary()}")
+    console.print(table)
+    runs = sorted({r.latency.runs for r in result.rows if r.latency})
+    if runs:
+        console.print(f"{runs[0]}-{runs[-1]} timed runs per model after warm-up "
+                      f"({result.options.warmup}); {result.machine.get('processor', '')}, "
+                      f"onnxruntime {result.machine.get('onnxruntime', '')}")
+    for note in dict.fromkeys(notes):  # one line per distinct message, in order
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def write_dict_json(data: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2))
+    os.replace(tmp, path)

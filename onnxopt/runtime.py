@@ -16,7 +16,8 @@ import onnx_ir as ir
 from onnxopt import io
 from onnxopt.errors import BadInputError, OnnxoptError
 
-__all__ = ["onnxruntime", "make_session", "run", "model_session", "PROVIDERS", "RuntimeFailure"]
+__all__ = ["onnxruntime", "make_session", "run", "runner", "model_file", "model_session", "PROVIDERS",
+           "RuntimeFailure"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,16 @@ def make_session(
     ep: str = "cpu",
     optimize: bool = True,
     threads: int = 0,
+    cuda_graph: bool = False,
+    profile_prefix: str | None = None,
 ):
-    """An InferenceSession with intra-op spinning off (spinning threads distort shared machines)."""
+    """An InferenceSession with intra-op spinning off (spinning threads distort shared machines).
+
+    A GPU provider gets CPU as its fallback, as ORT itself would; which nodes fell back is for
+    `placement.node_placement` to find out, not to guess."""
     ort = onnxruntime()
+    if ep not in PROVIDERS:
+        raise BadInputError(f"unknown execution provider {ep!r}; choose from {', '.join(PROVIDERS)}")
     name, package = PROVIDERS[ep]
     if name not in ort.get_available_providers():
         raise BadInputError(f"execution provider {ep!r} is not available: install {package}")
@@ -75,15 +83,54 @@ def make_session(
     )
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers: list = [name]
+    if ep == "cuda" and cuda_graph:
+        providers = [(name, {"enable_cuda_graph": "1"})]
+    if ep == "tensorrt":
+        providers.append(PROVIDERS["cuda"][0])
+    if ep != "cpu":
+        providers.append(PROVIDERS["cpu"][0])
     if isinstance(model, os.PathLike):
         model = str(model)
     try:
-        return ort.InferenceSession(model, options, providers=[name])
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
         raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
 
 
-@functools.cache
+def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
+    """A no-argument callable that runs the session once, for timing.
+
+    On a GPU provider inputs and outputs are bound on the device (IO binding), so the timing
+    measures the model, not host-device copies; output buffers are allocated once from a first
+    run's shapes, which a CUDA graph also requires (fixed addresses)."""
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    if ep == "cpu":
+        return lambda: session.run(None, feeds)
+    ort = onnxruntime()
+    first = session.run(None, feeds)
+    binding = session.io_binding()
+    kept = []  # OrtValues must outlive the binding
+    for name, array in feeds.items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+        binding.bind_ortvalue_input(name, value)
+        kept.append(value)
+    for output, array in zip(session.get_outputs(), first):
+        value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, "cuda", 0)
+        binding.bind_ortvalue_output(output.name, value)
+        kept.append(value)
+
+    def run_bound():
+        session.run_with_iobinding(binding)
+        return kept
+
+    return run_bound
+
+
 def _runtime_distributions() -> list[str]:
     from importlib import metadata
 
@@ -98,15 +145,23 @@ def _runtime_distributions() -> list[str]:
 
 
 @contextlib.contextmanager
-def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
-    """A session for an in-memory model; large or external-data models go through a temp file."""
+def model_file(model: ir.Model) -> Iterator[str | bytes]:
+    """The model as ORT takes it: serialized bytes, or a temporary file when it is large or its
+    weights are external (bytes cannot point at external data)."""
     if io.external_files(model) or io.weight_bytes(model) > _BYTES_LIMIT:
         with tempfile.TemporaryDirectory(prefix="onnxopt-run-") as tmp:
             path = Path(tmp) / "model.onnx"
             io.save(model, path)
-            yield make_session(path, **kwargs)
+            yield str(path)
     else:
-        yield make_session(ir.to_proto(model).SerializeToString(), **kwargs)
+        yield ir.to_proto(model).SerializeToString()
+
+
+@contextlib.contextmanager
+def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
+    """A session for an in-memory model; `kwargs` go to make_session."""
+    with model_file(model) as source:
+        yield make_session(source, **kwargs)
 
 
 def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:

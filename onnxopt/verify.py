@@ -4,7 +4,9 @@ Metrics per output, worst over all batches:
     max_abs = max |a - b|            max_rel = max |a - b| / (|a| + atol)
     cosine  = <a, b> / (|a| |b|)      sqnr    = 10 log10( sum a^2 / sum (a - b)^2 )  [dB]
 where a is the reference. An output is close when |a - b| <= atol + rtol |a| everywhere (NaN equal
-to NaN), the rule of numpy.isclose. Integer and bool outputs must be equal.
+to NaN), the rule of numpy.isclose, and its cosine reaches the tolerance's `min_cosine`.
+Integer and bool outputs must be equal. Score-like outputs (float, rank >= 2) also get top-1 and
+top-5 agreement of the argmax over their last axis.
 
 Both models run with ORT's graph optimizations off, so ORT's own fusions cannot hide (or cause)
 a difference: we compare the graphs as written.
@@ -31,6 +33,8 @@ Outputs = dict[str, object]
 class Tolerance:
     rtol: float = 1e-4  # exact rewrites still reorder float sums; 1e-4 leaves room for that only
     atol: float = 1e-5
+    min_cosine: float = 0.0  # lossy comparisons (fp16, int8) bound the direction instead
+    elementwise: bool = True  # False: only the cosine bound applies (int8 is never elementwise close)
 
 
 @dataclasses.dataclass
@@ -42,6 +46,10 @@ class OutputError:
     sqnr_db: float = math.inf
     is_close: bool = True
     reason: str = ""  # why not close, when it is a shape or dtype difference
+    # Class scores: share of rows whose argmax (last axis) matches, and whose reference argmax
+    # is among the candidate's top 5. None for outputs that are not score-like.
+    top1: float | None = None
+    top5: float | None = None
 
 
 @dataclasses.dataclass
@@ -95,7 +103,29 @@ def compare(
         for (name, ref), got in zip(ref_batch.items(), got_batch.values()):
             error = _compare_one(name, _flat(ref), _flat(got), tolerance)
             errors[name] = _worse(errors.get(name), error)
+    for position, error in enumerate(errors.values()):
+        refs = [list(batch.values())[position] for batch in reference]
+        gots = [list(batch.values())[position] for batch in outputs]
+        error.top1, error.top5 = _top_k(refs, gots)
     return list(errors.values())
+
+
+def _top_k(refs: list, gots: list) -> tuple[float | None, float | None]:
+    """Argmax agreement over the last axis, for float outputs of rank >= 2 with >= 2 classes."""
+    try:
+        ref = np.concatenate([np.asarray(r).reshape(-1, np.shape(r)[-1]) for r in refs])
+        got = np.concatenate([np.asarray(g).reshape(-1, np.shape(g)[-1]) for g in gots])
+    except (ValueError, IndexError, TypeError):
+        return None, None
+    if (ref.shape != got.shape or np.ndim(refs[0]) < 2 or ref.shape[1] < 2
+            or not np.issubdtype(ref.dtype, np.floating)):
+        return None, None
+    ref_top1 = np.argmax(ref, axis=1)
+    top1 = float(np.mean(np.argmax(got, axis=1) == ref_top1))
+    if ref.shape[1] < 5:
+        return top1, None
+    top5 = np.argpartition(-got, 4, axis=1)[:, :5]
+    return top1, float(np.mean(np.any(top5 == ref_top1[:, None], axis=1)))
 
 
 def _flat(value) -> np.ndarray:
@@ -121,7 +151,8 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
                            math.inf if is_equal else -math.inf, is_equal)
     a = ref.astype(np.float64).ravel()
     b = got.astype(np.float64).ravel()
-    is_close = bool(np.all(np.isclose(b, a, rtol=tol.rtol, atol=tol.atol, equal_nan=True)))
+    is_close = not tol.elementwise or bool(
+        np.all(np.isclose(b, a, rtol=tol.rtol, atol=tol.atol, equal_nan=True)))
     finite = np.isfinite(a) & np.isfinite(b)
     diff = np.abs(a[finite] - b[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -133,7 +164,10 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
     noise = float(np.sum(diff**2))
     signal = float(np.sum(a[finite] ** 2))
     sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-    return OutputError(name, max_abs, max_rel, cosine, sqnr, is_close)
+    reason = ""
+    if cosine < tol.min_cosine:
+        is_close, reason = False, f"cosine {cosine:.6f} < {tol.min_cosine}"
+    return OutputError(name, max_abs, max_rel, cosine, sqnr, is_close, reason)
 
 
 def _worse(old: OutputError | None, new: OutputError) -> OutputError:

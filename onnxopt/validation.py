@@ -1,0 +1,120 @@
+"""`onnxopt validate`: one model against another, or one model across providers.
+
+The reference is model A on the first provider. With B, B runs on every provider and is compared
+with it; without B, A itself runs on the other providers (CPU vs CUDA). Each comparison gets a
+tolerance that fits what the candidate computes, unless the user gives one:
+    fp32, same provider:     |a - b| <= 1e-5 + 1e-4 |a|      (an exact rewrite reorders sums)
+    fp32, another provider:  |a - b| <= 1e-4 + 1e-3 |a|, cosine >= 0.9999   (other kernels, TF32)
+    fp16 weights or inputs:  |a - b| <= 1e-3 + 1e-2 |a|, cosine >= 0.999
+    int8 (Q/DQ or integer ops): no elementwise bound; cosine >= 0.99
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import onnx_ir as ir
+
+from onnxopt import inputs, io, runtime
+from onnxopt import verify as verify_mod
+from onnxopt.errors import BadInputError
+from onnxopt.verify import Tolerance, Verification
+
+__all__ = ["Comparison", "precision_of", "tolerance_for", "validate_providers"]
+
+_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+             "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm"}
+_PROFILES = {
+    ("fp32", True): Tolerance(1e-4, 1e-5),
+    ("fp32", False): Tolerance(1e-3, 1e-4, min_cosine=0.9999),
+    ("fp16", True): Tolerance(1e-2, 1e-3, min_cosine=0.999),
+    ("fp16", False): Tolerance(1e-2, 1e-3, min_cosine=0.999),
+    ("int8", True): Tolerance(elementwise=False, min_cosine=0.99),
+    ("int8", False): Tolerance(elementwise=False, min_cosine=0.99),
+}
+
+
+@dataclasses.dataclass
+class Comparison:
+    candidate: str  # the model file
+    ep: str
+    reference_ep: str
+    precision: str  # fp32, fp16 or int8: what the tolerance was chosen for
+    tolerance: Tolerance
+    verification: Verification
+
+
+def precision_of(model: ir.Model) -> str:
+    """int8 if the model quantizes, fp16 if it holds fp16 weights or inputs, else fp32."""
+    ops = {node.op_type for graph in model.graphs() for node in graph}
+    if ops & _INT8_OPS:
+        return "int8"
+    float16 = ir.DataType.FLOAT16
+    if any(t.dtype == float16 for t in io.iter_tensors(model)) or any(
+        v.dtype == float16 for v in model.graph.inputs
+    ):
+        return "fp16"
+    return "fp32"
+
+
+def tolerance_for(model: ir.Model, *, same_provider: bool) -> tuple[str, Tolerance]:
+    precision = precision_of(model)
+    return precision, _PROFILES[(precision, same_provider)]
+
+
+def validate_providers(
+    a: str | os.PathLike,
+    b: str | os.PathLike | None = None,
+    *,
+    eps: Sequence[str] = ("cpu",),
+    inputs_file: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batches: int = 3,
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+) -> list[Comparison]:
+    """Every (candidate, provider) against A on eps[0]; `tolerance` None = by precision."""
+    if not eps:
+        raise BadInputError("--ep: name at least one provider")
+    model_a = io.load(a)
+    model_b = io.load(b) if b is not None else None
+    if model_b is not None:
+        names_a = sorted(s.name for s in inputs.input_specs(model_a))
+        names_b = sorted(s.name for s in inputs.input_specs(model_b))
+        if names_a != names_b:
+            raise BadInputError(f"{b}: inputs {names_b} differ from {a}'s {names_a}")
+    elif len(eps) < 2:
+        raise BadInputError("validate with one model compares providers: pass --ep cpu,cuda "
+                            "(or give a second model)")
+    if inputs_file:
+        feeds = inputs.load_npz(inputs_file, model_a)
+    else:
+        feeds = inputs.generate(model_a, shapes=shapes, batches=batches, seed=seed)
+    reference_ep = eps[0]
+    with runtime.model_session(model_a, ep=reference_ep, optimize=False) as session:
+        reference = [runtime.run(session, batch) for batch in feeds]
+    candidates = [(b, model_b, ep) for ep in eps] if model_b is not None else [
+        (a, model_a, ep) for ep in eps[1:]]
+    comparisons = []
+    for path, model, ep in candidates:
+        precision, profile = tolerance_for(model, same_provider=ep == reference_ep)
+        chosen = tolerance or profile
+        result = _verify_on(model, ep, reference, feeds, chosen)
+        comparisons.append(Comparison(str(path), ep, reference_ep, precision, chosen, result))
+    return comparisons
+
+
+def _verify_on(model, ep, reference, feeds, tolerance: Tolerance) -> Verification:
+    """Like verify.verify, on any provider; a provider that fails is a failed comparison."""
+    try:
+        with runtime.model_session(model, ep=ep, optimize=False) as session:
+            outputs = [runtime.run(session, batch) for batch in feeds]
+    except runtime.RuntimeFailure as error:  # the provider cannot load or run this model
+        return Verification("failed", reason=str(error), batches=len(feeds))
+    except BadInputError as error:  # the provider is not installed
+        return Verification("skipped", reason=str(error), batches=len(feeds))
+    errors = verify_mod.compare(reference, outputs, tolerance)
+    status = "passed" if all(e.is_close for e in errors) else "failed"
+    return Verification(status, outputs=errors, batches=len(feeds))
