@@ -1,7 +1,8 @@
 """Latency statistics for models measured side by side.
 
-Models run interleaved (A B A B ...) in one process so machine drift hits all of them alike, with
-intra-op spinning off (see runtime.make_session). Warm-up is either a fixed count or "auto": runs
+Models run interleaved in one process, rotating who goes first each round (A B, B A, ...), so
+machine drift and cache effects hit all of them alike, with intra-op spinning off (see
+runtime.make_session). Warm-up is either a fixed count or "auto": runs
 until the median of the last 5 runs moves less than 5% from the 5 before (at most 50 runs).
 The speed ratio B/A is median(B) / median(A) with a bootstrap 95% confidence interval, both
 timing sets resampled with replacement (fixed seed, 1000 resamples).
@@ -82,8 +83,11 @@ def measure_runners(
             break
         if runs is None and done >= min_runs and (done >= max_runs or time.perf_counter() > deadline):
             break
-        for runner, bucket in zip(runners, times):
-            bucket.append(_time_once(runner))
+        # Rotate who goes first each round (AB, BA, ...): a fixed order would hand one model
+        # the caches the other just warmed, a bias that shows with thousands of runs.
+        first = done % len(runners)
+        for index in [*range(first, len(runners)), *range(first)]:
+            times[index].append(_time_once(runners[index]))
     return [summarize(ep, t, batch=batch, warmup_runs=w) for t, w in zip(times, warmups)]
 
 

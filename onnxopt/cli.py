@@ -204,6 +204,8 @@ def validate(
     batches: BatchesOpt = 3,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: by dtype).")] = None,
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: by dtype).")] = None,
+    ort_optimize: Annotated[bool, typer.Option(
+        help="Run candidates with ORT's graph optimizations on (the reference never).")] = False,
 ):
     """Compare every output of B (or of A on other providers) with A; exit 1 over tolerance."""
     tolerance = None
@@ -212,7 +214,7 @@ def validate(
                                      atol if atol is not None else 1e-5)
     comparisons = validate_mod.validate_providers(
         reference, candidate, eps=_split(ep), inputs_file=inputs, shapes=_shapes(shape),
-        batches=batches, tolerance=tolerance)
+        batches=batches, tolerance=tolerance, ort_optimize=ort_optimize)
     table = Table(title=escape(f"onnxopt validate: against {reference} on {comparisons[0].reference_ep}"))
     for column in ("model", "ep", "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1",
                    "top-5", "within tolerance"):

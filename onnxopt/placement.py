@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxopt import runtime
 
-__all__ = ["Placement", "node_placement"]
+__all__ = ["Placement", "node_placement", "placement_from_profile"]
 
 _SHORT = {name: short for short, (name, _) in runtime.PROVIDERS.items()}
 
@@ -49,6 +49,11 @@ def node_placement(
         runtime.run(session, feeds)
         with open(session.end_profiling()) as handle:
             events = json.load(handle)
+    return placement_from_profile(events, ep)
+
+
+def placement_from_profile(events: list[dict], ep: str) -> Placement:
+    """Count, from ORT profiler events, the nodes each provider executed in one run."""
     providers: dict[str, str] = {}
     op_types: dict[str, str] = {}
     for event in events:

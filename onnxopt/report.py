@@ -219,10 +219,11 @@ def render_stats(stats: ModelStats, path: str, console: Console) -> None:
 def render_bench(result, console: Console) -> None:
     """`onnxopt bench`: one row per model, provider and batch; errors and fallbacks below."""
     table = Table(title="onnxopt bench: interleaved runs; ratio = p50 / p50 of model #1")
-    for column in ("#", "model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "std ms",
-                   "samples/s", "vs #1 [95% CI]", "peak MB", "nodes run by"):
+    for column in ("#", "model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+                   "vs #1 [95% CI]", "peak MB", "nodes by EP"):
         table.add_column(column, justify="left" if column in ("model", "ep") else "right",
-                         no_wrap=column in ("vs #1 [95% CI]", "nodes run by"))
+                         no_wrap=column in ("vs #1 [95% CI]", "nodes by EP"),
+                         min_width=12 if column == "model" else None, overflow="fold")
     notes: list[str] = []
     for number, row in enumerate(result.rows):
         position = number % len(result.models)  # rows come in groups of every model, in order
@@ -239,8 +240,7 @@ def render_bench(result, console: Console) -> None:
         where = row.placement
         table.add_row(
             str(position + 1), label, row.ep, str(row.batch), f"{lat.p50_ms:.3f}",
-            f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.std_ms:.3f}",
-            f"{lat.throughput:,.1f}", ratio, "-" if row.memory_mb is None else f"{row.memory_mb:.1f}",
+            f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.throughput:,.0f}", ratio, "-" if row.memory_mb is None else f"{row.memory_mb:.1f}",
             " + ".join(f"{ep} {n}" for ep, n in sorted(where.nodes.items())) if where else "-",
         )
         if where and where.fallback:

@@ -131,6 +131,7 @@ def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
     return run_bound
 
 
+@functools.cache
 def _runtime_distributions() -> list[str]:
     from importlib import metadata
 

@@ -74,8 +74,13 @@ def validate_providers(
     batches: int = 3,
     seed: int = 0,
     tolerance: Tolerance | None = None,
+    ort_optimize: bool = False,
 ) -> list[Comparison]:
-    """Every (candidate, provider) against A on eps[0]; `tolerance` None = by precision."""
+    """Every (candidate, provider) against A on eps[0]; `tolerance` None = by precision.
+
+    The reference always runs with ORT's graph optimizations off (the graph as written);
+    `ort_optimize` runs the candidates with them on, as they are deployed, which also checks
+    ORT's own fusions. With one model and one provider that is the only comparison made."""
     if not eps:
         raise BadInputError("--ep: name at least one provider")
     model_a = io.load(a)
@@ -85,9 +90,10 @@ def validate_providers(
         names_b = sorted(s.name for s in inputs.input_specs(model_b))
         if names_a != names_b:
             raise BadInputError(f"{b}: inputs {names_b} differ from {a}'s {names_a}")
-    elif len(eps) < 2:
-        raise BadInputError("validate with one model compares providers: pass --ep cpu,cuda "
-                            "(or give a second model)")
+    elif len(eps) < 2 and not ort_optimize:
+        raise BadInputError("validate with one model compares providers (--ep cpu,cuda) or ORT's "
+                            "optimized graph with the raw one (--ort-optimize); or give a second "
+                            "model")
     if inputs_file:
         feeds = inputs.load_npz(inputs_file, model_a)
     else:
@@ -95,21 +101,23 @@ def validate_providers(
     reference_ep = eps[0]
     with runtime.model_session(model_a, ep=reference_ep, optimize=False) as session:
         reference = [runtime.run(session, batch) for batch in feeds]
-    candidates = [(b, model_b, ep) for ep in eps] if model_b is not None else [
-        (a, model_a, ep) for ep in eps[1:]]
+    if model_b is not None:
+        candidates = [(b, model_b, ep) for ep in eps]
+    else:
+        candidates = [(a, model_a, ep) for ep in (eps if ort_optimize else eps[1:])]
     comparisons = []
     for path, model, ep in candidates:
         precision, profile = tolerance_for(model, same_provider=ep == reference_ep)
         chosen = tolerance or profile
-        result = _verify_on(model, ep, reference, feeds, chosen)
+        result = _verify_on(model, ep, reference, feeds, chosen, ort_optimize)
         comparisons.append(Comparison(str(path), ep, reference_ep, precision, chosen, result))
     return comparisons
 
 
-def _verify_on(model, ep, reference, feeds, tolerance: Tolerance) -> Verification:
+def _verify_on(model, ep, reference, feeds, tolerance: Tolerance, optimize: bool) -> Verification:
     """Like verify.verify, on any provider; a provider that fails is a failed comparison."""
     try:
-        with runtime.model_session(model, ep=ep, optimize=False) as session:
+        with runtime.model_session(model, ep=ep, optimize=optimize) as session:
             outputs = [runtime.run(session, batch) for batch in feeds]
     except runtime.RuntimeFailure as error:  # the provider cannot load or run this model
         return Verification("failed", reason=str(error), batches=len(feeds))

@@ -133,12 +133,12 @@ def test_a_rewrite_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
     import onnxopt
     from onnxopt import api, bench
 
-    def fake_measure(sessions, feeds, **kwargs):  # the rewrite takes twice as long
+    def fake_measure(runners, **kwargs):  # the rewrite takes twice as long
         rng = np.random.default_rng(0)
         times = [list(rng.normal(1.0, 0.01, 50)), list(rng.normal(2.0, 0.01, 50))]
         return [bench.summarize("cpu", t) for t in times]
 
-    monkeypatch.setattr(api.bench, "measure", fake_measure)
+    monkeypatch.setattr(api.bench, "measure_runners", fake_measure)
     src = tmp_path / "in.onnx"
     ir.save(conv_bn_model(), src)
     out = tmp_path / "out.onnx"
