@@ -44,6 +44,9 @@ def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks of internal 
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # the libraries' own warnings are for their developers, not our users
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:

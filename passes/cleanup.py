@@ -6,7 +6,9 @@ Steps, in order (each counted and logged by the nodes and initializers it remove
   2. Inference Dropout becomes Identity: always for opset < 12, and for opset >= 12 when
      `training_mode` is absent or constant false. One whose `mask` output is used is left to
      step 4 (opset >= 12: the mask becomes an all-true constant) or refused (opset < 12).
-  3. Identity nodes are removed (onnx-ir IdentityEliminationPass).
+  3. Identity nodes are removed, by onnx-ir's rules, plus one more refusal: an Identity between
+     two graph outputs stays (onnx-ir 1.1's IdentityEliminationPass would give both outputs one
+     name, dropping one from the model's interface).
   4. Constant folding (onnxscript's folder) with a size limit, so that ConstantOfShape, Tile or
      Expand never materialise a huge tensor in the file.
   5. Dead nodes, unused and duplicate initializers are removed; nodes are sorted topologically.
@@ -55,7 +57,7 @@ class CleanupPass(ir.passes.InPlacePass):
         _counted(report, model, "lifted",
                  common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
         _replace_inference_dropout(model, report)
-        _counted(report, model, "removed", common.IdentityEliminationPass())
+        _remove_identities(model, report)
         if self.options.fold_constants:
             # Imported here: onnxscript takes most of a second to import, and `onnxopt --help`
             # or `inspect` should not pay for it.
@@ -92,6 +94,26 @@ def _counted(report: PassReport, model: ir.Model, verb: str, step: ir.passes.Pas
         report.change(f"{node.op_type} {verb}", f"{verb} {describe(node)}")
     for value in inits_before - _initializers(model):
         report.change(f"initializer {verb}", f"{verb} initializer {value.name!r}")
+
+
+def _remove_identities(model: ir.Model, report: PassReport) -> None:
+    for graph in list(all_graphs(model)):
+        for node in list(graph):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if x is None:
+                continue
+            if y.is_graph_output() and (x.is_graph_input() or x.is_initializer()
+                                        or x.is_graph_output() or x.producer() is None):
+                continue  # both names are part of the interface: the Identity keeps them apart
+            if x.type is None:
+                x.type = y.type
+            ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+            if x.is_graph_output():
+                x.name = y.name
+            graph.remove(node, safe=True)
+            report.change("Identity removed", f"removed {describe(node)}")
 
 
 def _unshaped_values(model: ir.Model) -> list[tuple[ir.Value, ir.TypeProtocol | None]]:

@@ -598,3 +598,20 @@ def test_cleanup_removes_identity_inside_a_loop_body():
     assert "removed 'body_identity' (Identity)" in result.log
     feeds = {"x": rand(np.random.default_rng(29), (1, 4, 6, 6))}
     np.testing.assert_array_equal(run(result.model, feeds)[0], run(model, feeds)[0])
+
+
+def test_cleanup_keeps_an_identity_between_two_graph_outputs():
+    """y2 = Identity(y) with both outputs: removing it would merge two names of the interface."""
+    rng = np.random.default_rng(30)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Identity", ["y"], ["y2"], name="copy"),
+             helper.make_node("Identity", ["y2"], ["z"], name="inner")]
+    model = make_model(nodes, [value_info("x", [1, 4])],
+                       [value_info("y", [1, 4]), value_info("z", [1, 4])],
+                       [tensor("W", rng.standard_normal((4, 4)))])
+    result = cleanup(model)
+    assert [v.name for v in result.model.graph.outputs] == ["y", "z"]
+    assert op_count(result.model, "Identity") == 1
+    feeds = {"x": rand(rng, (1, 4))}
+    for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+        np.testing.assert_array_equal(actual, expected)
