@@ -104,14 +104,15 @@ def _remove_identities(model: ir.Model, report: PassReport) -> None:
             x, y = node.inputs[0], node.outputs[0]
             if x is None:
                 continue
-            if y.is_graph_output() and (x.is_graph_input() or x.is_initializer()
-                                        or x.is_graph_output() or x.producer() is None):
+            is_output = y.is_graph_output()
+            if is_output and (x.is_graph_input() or x.is_initializer()
+                              or x.is_graph_output() or x.producer() is None):
                 continue  # both names are part of the interface: the Identity keeps them apart
             if x.type is None:
                 x.type = y.type
             ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
-            if x.is_graph_output():
-                x.name = y.name
+            if is_output:
+                x.name = y.name  # the output keeps its name; x was internal
             graph.remove(node, safe=True)
             report.change("Identity removed", f"removed {describe(node)}")
 
