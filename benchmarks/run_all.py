@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command.
 
-    python benchmarks/run_all.py            # full: ~25 min on 2 cores
-    python benchmarks/run_all.py --quick    # smoke run: default model + ppocr_cls, ~1.5 min
+    python benchmarks/run_all.py            # full: ~9 min on 2 cores
+    python benchmarks/run_all.py --quick    # smoke run: default model + ppocr_cls, ~30 s
 
 1. benchmarks/real_models.py --prepare: exports MiniLM (TorchScript + dynamo, checked against
    torch) and writes the realistic-input .npz files, once; both are cached in benchmarks/work/.

@@ -125,7 +125,8 @@ def optimize(
         feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
         try:
             reference = verify_mod.reference_outputs(original, feeds)
-            checker = pipeline.Checker(feeds, reference, options.tolerance)
+            floor = verify_mod.noise_floor(original, reference, feeds)
+            checker = pipeline.Checker(feeds, reference, options.tolerance, floor)
         except runtime.RuntimeFailure as error:
             verification = verify_mod.Verification("skipped", reason=f"original: {error}")
     passes = _build_passes(options)

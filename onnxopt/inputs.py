@@ -1,7 +1,8 @@
 """Model inputs for verification and timing: read from an .npz, or generated from declared shapes.
 
-Batching rule (used everywhere inputs are read): an array with exactly the input's rank is one
-batch; one extra leading axis stacks several batches.
+Batching rule (used everywhere inputs are read): an array shaped exactly like the input is one
+batch; one extra leading axis stacks several batches; otherwise, for a model with a fixed batch
+size, axis 0 is split into batches of that size.
 
 Generated inputs use a fixed seed. Dynamic dims come from `--shape name:1,3,224,224`; a dim left
 unspecified is guessed (batch 1, others 32) and each guess is reported, because a guessed shape
@@ -22,7 +23,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import BadInputError
 
-__all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "Feeds"]
+__all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "show_dims", "Feeds"]
 
 Feeds = dict[str, np.ndarray]
 _GUESSED_BATCH = 1
@@ -105,7 +106,7 @@ def _resolve_shape(spec: InputSpec, given, warnings: list[str] | None) -> tuple[
         ):
             raise BadInputError(
                 f"--shape {spec.name}:{','.join(map(str, given))} does not fit the declared "
-                f"shape {_show_dims(spec.dims)}"
+                f"shape {show_dims(spec.dims)}"
             )
         return tuple(given)
     shape = []
@@ -123,7 +124,8 @@ def _resolve_shape(spec: InputSpec, given, warnings: list[str] | None) -> tuple[
     return tuple(shape)
 
 
-def _show_dims(dims) -> str:
+def show_dims(dims) -> str:
+    """`[N,3,224,224]`, `?` for an unknown dim."""
     return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
 
 
@@ -196,19 +198,24 @@ def _as_batches(path: Path, spec: InputSpec, array: np.ndarray) -> list[np.ndarr
     if array.dtype != spec.dtype:
         raise BadInputError(f"{where} is {array.dtype}, the model wants {spec.dtype}")
     rank = len(spec.dims)
-    if array.ndim == rank:
+    batch = spec.dims[0] if rank else None
+    if (array.ndim == rank and isinstance(batch, int) and batch > 0
+            and array.shape[0] != batch and array.shape[0] % batch == 0):
+        # Samples along axis 0 of a model with a fixed batch size: split into its batches.
+        batches = [array[i:i + batch] for i in range(0, array.shape[0], batch)]
+    elif array.ndim == rank:
         batches = [array]
     elif array.ndim == rank + 1:
         batches = list(array)
     else:
         raise BadInputError(
-            f"{where} has shape {list(array.shape)}, the model wants {_show_dims(spec.dims)} "
+            f"{where} has shape {list(array.shape)}, the model wants {show_dims(spec.dims)} "
             "(or a stack of such batches)"
         )
     for axis, dim in enumerate(spec.dims):
         if isinstance(dim, int) and batches[0].shape[axis] != dim:
             raise BadInputError(
                 f"{where} has shape {list(batches[0].shape)}, the model wants "
-                f"{_show_dims(spec.dims)}"
+                f"{show_dims(spec.dims)}"
             )
     return batches

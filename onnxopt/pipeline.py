@@ -47,12 +47,13 @@ class Checker:
     feeds: Sequence[Feeds]
     reference: Sequence[dict]
     tolerance: verify_mod.Tolerance = verify_mod.Tolerance()
+    floor: dict[str, float] = dataclasses.field(default_factory=dict)  # verify.noise_floor
 
     def __call__(self, model: ir.Model) -> verify_mod.Verification:
         problem = _checker_problem(model)
         if problem:
             return verify_mod.Verification("failed", reason=f"ONNX checker: {problem}")
-        return verify_mod.verify(model, self.reference, self.feeds, self.tolerance)
+        return verify_mod.verify(model, self.reference, self.feeds, self.tolerance, self.floor)
 
 
 def run_pipeline(

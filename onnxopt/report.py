@@ -161,6 +161,9 @@ def _accuracy_rows(table: Table, verification: Verification | None) -> None:
         table.add_row(f"{name}: cosine", "", f"{out.cosine:.6f}", "")
         sqnr = "exact" if math.isinf(out.sqnr_db) and out.sqnr_db > 0 else f"{out.sqnr_db:.1f} dB"
         table.add_row(f"{name}: SQNR", "", sqnr, escape(out.reason))
+        if out.name in verification.floor:
+            table.add_row(f"{name}: ORT noise floor", "", f"{verification.floor[out.name]:.3g}",
+                          "max abs of ORT's own fusions")
 
 
 def _latency_rows(table: Table, latency: list[LatencyComparison]) -> None:

@@ -70,3 +70,12 @@ def test_shape_flag_that_contradicts_a_fixed_dim():
                              [value_info("x", ["N", 3])], [value_info("y", ["N", 3])]))
     with pytest.raises(BadInputError, match=r"does not fit the declared shape \[N,3\]"):
         inputs.generate(model, shapes={"x": (2, 4)})
+
+
+def test_npz_axis0_is_split_into_the_models_fixed_batch(tmp_path):
+    model = to_ir(make_model([helper.make_node("Relu", ["x"], ["y"])],
+                             [value_info("x", [2, 3])], [value_info("y", [2, 3])]))
+    np.savez(tmp_path / "rows.npz", x=np.arange(18, dtype=np.float32).reshape(6, 3))
+    batches = inputs.load_npz(tmp_path / "rows.npz", model)
+    assert [b["x"].shape for b in batches] == [(2, 3)] * 3
+    assert batches[2]["x"][1, 2] == 17

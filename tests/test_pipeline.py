@@ -148,3 +148,12 @@ def test_a_rewrite_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
     assert op_count(onnx.load(str(out)), "BatchNormalization") == 1
     _, report = onnxopt.optimize(src, out, onnxopt.OptimizeOptions(allow_slower=True))
     assert op_count(onnx.load(str(out)), "BatchNormalization") == 0
+
+
+def test_noise_floor_raises_atol_only_as_far_as_ort_itself_rounds():
+    ref = [{"y": np.array([0.3, 0.5], dtype=np.float32)}]
+    got = [{"y": np.array([0.30005, 0.5], dtype=np.float32)}]  # 5e-5 off: over rtol 1e-4 + 1e-5
+    [strict] = verify.compare(ref, got)
+    [with_floor] = verify.compare(ref, got, floor={"y": 2e-5})  # ORT's fusions: 2e-5
+    [small_floor] = verify.compare(ref, got, floor={"y": 1e-7})
+    assert not strict.is_close and with_floor.is_close and not small_floor.is_close
