@@ -17,9 +17,9 @@ class PassReport(ir.passes.PassResult):
     # Totals by kind of change: {"folded": 12, "refused": 1}.
     counts: Counter = dataclasses.field(default_factory=Counter)
 
-    def change(self, kind: str, line: str) -> None:
-        """Record one change: counts it, logs it, marks the model modified."""
-        self.counts[kind] += 1
+    def change(self, kind: str, line: str, count: int = 1) -> None:
+        """Record a change (`count` of a kind, one log line) and mark the model modified."""
+        self.counts[kind] += count
         self.log.append(line)
         self.modified = True
 

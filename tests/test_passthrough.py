@@ -621,3 +621,16 @@ def test_cleanup_keeps_an_identity_between_two_graph_outputs():
     feeds = {"x": rand(rng, (1, 4))}
     for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_cleanup_drops_node_metadata_but_keeps_model_metadata():
+    node = helper.make_node("Relu", ["x"], ["y"], name="relu", doc_string="a stack trace")
+    node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="File x.py, line 1")
+    model = make_model([node], [value_info("x", [2])], [value_info("y", [2])])
+    model.metadata_props.add(key="character", value="a\nb")
+    result = cleanup(model)
+    [relu] = list(result.model.graph)
+    assert not relu.metadata_props and not relu.doc_string
+    assert result.model.metadata_props == {"character": "a\nb"}
+    assert result.counts["node metadata entries dropped"] == 2
+    assert not CleanupPass(CleanupOptions(strip_node_metadata=False))(to_ir(model)).modified
