@@ -9,6 +9,8 @@
    accuracy / CER, cls accuracy, MiniLM next-sentence recall@1 / MRR) -> `metrics` in the JSON.
 3. benchmarks/lossless.py on the embedded default model and the real models (PP-OCR det, rec,
    cls; MiniLM TorchScript and dynamo): onnxopt against onnxsim, onnxslim and onnxoptimizer.
+4. repeatability of `onnxopt bench`: the embedded default against itself, 1 thread, 20 s
+   (p50 ratio and its 95% CI: within 3% of 1.0 and containing it on an idle machine).
 
 Full run: JSON in benchmarks/results/suite-<date>.json (lossless.py's format plus `metrics` and
 `suite`), the printed tables in benchmarks/results/suite-<date>.txt. --quick writes to
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
     real = [m for m in models if m != "digits_resnet"]
     lossless = [python, "benchmarks/lossless.py", "--models", *models, "--json", str(out)]
     lossless += ["--seconds", "1", "--threads", "1,2"] if args.quick else []
+    repeat_file = out.with_name(out.stem + "-bench-repeat.json")
+    default_model = str(ROOT / "onnxopt" / "data" / "digits_resnet.onnx")
+    repeat = [python, "-m", "onnxopt", "bench", default_model, default_model, "--threads", "1",
+              "--time", "5" if args.quick else "20", "--no-placement", "--json", str(repeat_file)]
     start = time.perf_counter()
     steps = {}
     with open(out.with_suffix(".txt"), "w") as log:
@@ -79,6 +85,7 @@ def main(argv=None) -> int:
             ("metrics", [python, "benchmarks/real_models.py", "--metrics", *real, "--json",
                          str(metrics_file)]),
             ("lossless", lossless),
+            ("bench repeatability", repeat),
         ):
             mark = time.perf_counter()
             code = run(cmd, log)
@@ -98,6 +105,12 @@ def main(argv=None) -> int:
                          "minutes": round(total / 60, 2)}
         if metrics_file.is_file():
             data["metrics"] = json.loads(metrics_file.read_text())
+        if repeat_file.is_file():
+            rows = json.loads(repeat_file.read_text())["rows"]
+            ratio, low, high = rows[1]["ratio"]
+            data["bench_repeatability"] = {"model": "digits_resnet vs itself", "ratio": ratio,
+                                           "ci95": [low, high], "runs": rows[1]["latency"]["runs"]}
+            print(f"bench repeatability: p50 ratio {ratio:.3f} [{low:.3f}-{high:.3f}]")
         exports = {}
         for name in real:
             info = ROOT / "benchmarks" / "work" / f"{name}.export.json"

@@ -17,10 +17,11 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt import bench, inputs, io, pipeline, runtime, stats
+from onnxopt import bench, inputs, int8, io, pipeline, runtime, stats
 from onnxopt import validation as validate_mod
 from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
+from onnxopt.int8 import Int8Options
 from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
 from onnxopt.report import LatencyComparison, Report
 from onnxopt.verify import Tolerance
@@ -46,6 +47,7 @@ class OptimizeOptions:
     # A rewrite that runs measurably slower than the original (LatencyComparison.is_slower) is
     # not kept, the original is written instead, unless this is set.
     allow_slower: bool = False
+    int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.int8)
 
 
 def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | None]:
@@ -136,9 +138,27 @@ def optimize(
                                                  verify_each=options.verify_each, on_pass=say)
     verification = checked or verification
     seconds["passes + verify"] = time.perf_counter() - mark
+    int8_summary = None
+    if options.int8 is not None:
+        mark = time.perf_counter()
+        result = int8.quantize(model, options.int8, notes, progress=say)
+        model, verification = result.model, result.verification
+        runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
+                                     reverted=not result.is_quantized,
+                                     reason=result.verification.reason, log=result.log,
+                                     counts=result.counts))
+        int8_summary = {
+            "quantized": result.is_quantized,
+            "calibration": f"{result.calibration_batches} batches, {options.int8.calib_method}",
+            "budget": result.verification.reason or "held",
+            "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
+            "kernels": result.kernels,
+        }
+        seconds["int8"] = time.perf_counter() - mark
 
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
-                    original_stats, original_stats, runs, verification, notes=notes)
+                    original_stats, original_stats, runs, verification, notes=notes,
+                    int8=int8_summary)
     if options.bench:
         say("timing original vs optimized")
         mark = time.perf_counter()

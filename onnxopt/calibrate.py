@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from onnxopt import inputs, runtime
 from onnxopt.errors import BadInputError
@@ -459,6 +460,10 @@ def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, set[str]]:
     """A clone whose graph outputs are exactly the requested node outputs (clones share
     tensors, so this costs no weight copies); graph inputs are read from the feeds instead."""
     clone = model.clone()
+    wanted = set(names)
+    if any(v.dtype is None for node in clone.graph for v in node.outputs if v.name in wanted):
+        # Exporters often leave intermediate types out; a graph output needs one.
+        common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(clone)
     graph = clone.graph
     produced = {v.name: v for node in graph for v in node.outputs}
     graph_inputs = {v.name: v for v in graph.inputs if not v.is_initializer()}

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxopt import api, bench_models, demo, report, verify
+from onnxopt import api, bench_models, demo, int8, report, verify
 from onnxopt import validation as validate_mod
 from onnxopt.errors import BadInputError, OnnxoptError
 from onnxopt.inputs import parse_shape
@@ -90,14 +90,27 @@ def optimize(
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     all_ops: Annotated[bool, typer.Option(help="List every op type, not only changed ones.")] = False,
+    int8_flag: Annotated[bool, typer.Option("--int8", help="Static int8 QDQ for ORT CPU.")] = False,
+    calib: Annotated[Optional[str], typer.Option(
+        help="Calibration data: .npz, folder of .npy/.npz/images, or 'random'.")] = None,
+    calib_method: Annotated[str, typer.Option(help="minmax, percentile, entropy or mse.")] = "minmax",
+    calib_samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
+    preprocess: Annotated[Optional[str], typer.Option(
+        help="For image folders: size=224,mean=0.485/0.456/0.406,std=...,layout=NCHW")] = None,
+    max_error: Annotated[str, typer.Option(
+        help="int8 budget per output: cosine>=0.99, sqnr>=30, or none.")] = "cosine>=0.99",
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""
+    int8_options = None
+    if int8_flag:
+        int8_options = int8.Int8Options(calib, calib_method, calib_samples, preprocess,
+                                        int8.parse_budget(max_error), _shapes(shape))
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,
         tolerance=verify.Tolerance(rtol, atol), bench=_split(bench), bench_seconds=bench_seconds,
-        allow_slower=allow_slower,
+        allow_slower=allow_slower, int8=int8_options,
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)
@@ -110,12 +123,14 @@ def demo_command(
     bench: Annotated[str, typer.Option(help="Providers to time both models on, or 'none'.")] = "cpu",
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
+    int8_flag: Annotated[bool, typer.Option(
+        "--int8", help="Also quantize to int8, calibrated on the bundled digits.")] = False,
     quiet: QuietOpt = False,
 ):
     """The main job on the embedded default model: optimize, validate, benchmark, report."""
     options = api.OptimizeOptions(bench=_split(bench))
     with _progress(quiet) as progress:
-        _, result = demo.run_demo(output, options, progress=progress)
+        _, result = demo.run_demo(output, options, progress=progress, int8=int8_flag)
     _finish(result, report_path, plot, all_ops=False)
 
 

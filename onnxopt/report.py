@@ -49,6 +49,7 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)  # upgrades, guesses, warnings
     # Task metrics, original then optimized: {"digits top-1 (256 samples)": [0.98, 0.98]}.
     metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    int8: dict | None = None  # calibration, budget and ORT kernel counts when --int8 ran
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -126,6 +127,13 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
     for name, (before, after) in report.metrics.items():
         table.add_row(name, f"{before:.2%}", f"{after:.2%}",
                       _change(before, after, fmt=lambda v: f"{v:.2%}", lower_is_better=False))
+    if report.int8 is not None:
+        table.add_row("[bold]int8", "", "", "")
+        table.add_row("calibration", "", escape(report.int8["calibration"]), "")
+        budget = report.int8["budget"]
+        colour = "green" if report.int8["quantized"] else "red"
+        table.add_row("accuracy budget", "", f"[{colour}]{escape(budget)}[/{colour}]", "")
+        table.add_row("ORT CPU kernels", "", escape(report.int8["ort_cpu_kernels"]), "")
     _latency_rows(table, report.latency)
     table.add_row("[bold]time", "", "", "")
     for step, seconds in report.seconds.items():

@@ -1,0 +1,210 @@
+"""quantize-int8: static QDQ int8 that ONNX Runtime's CPU provider fuses into integer kernels.
+
+Per quantized op (formulas in `_qdq`):
+  * Conv / Gemm / MatMul with a constant weight: W → int8 initializer + DequantizeLinear,
+    symmetric per output channel (Conv axis 0; Gemm transB=1 axis 0, transB=0 axis 1; MatMul
+    [K, N] axis 1), s_c = max|W_c| / 127 (63 with reduce_range); bias (Conv B, Gemm C of
+    shape [N]) → int32 with s_b[c] = s_input · s_c, raised s_c where |b| / s_b would overflow.
+  * every activation input and the output: one QuantizeLinear → DequantizeLinear pair (uint8,
+    s = (max - min) / 255 over the calibrated range widened to include 0), shared by all
+    consumers. ORT turns DQ → op → Q into QLinearConv, QGemm, QLinearMatMul, QLinearAdd,
+    QLinearConcat, QLinear(Global)AveragePool.
+  * a Relu / Clip(min 0) that is the sole consumer of a Conv/Gemm/MatMul/Add output takes the
+    output pair instead (its range starts at 0, so zero point 0 and the uint8 clamp is the Relu;
+    ORT removes it and fuses).
+  * MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze: the output reuses the input's
+    scale and zero point, so ORT drops the pair and moves uint8 data.
+Refused (logged, graph unchanged there): 1. a node named in `exclude`; 2. a weight or bias that
+is not a constant (graph input or computed); 3. a data input or output with no calibrated range
+(Conv/Gemm/MatMul keep a float output instead); 4. float tensors other than float32;
+5. opset < 13 (per-channel DequantizeLinear needs `axis`). Not covered yet: subgraphs and
+functions (main graph only), ConvTranspose, MatMul of two activations, Resize, Mul, Gemm C
+not of shape [N] (kept float, so ORT leaves that Gemm float); a Conv whose output only leaves
+the graph gets no output pair, so ORT keeps it a float Conv (graph outputs stay float).
+Ops already reading a DequantizeLinear are skipped, so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+from onnxopt.passes import _qdq
+from onnxopt.passes._graph import NameSource, constant, describe, opset_version
+from onnxopt.passes._qdq import cpu_needs_reduce_range, ort_kernel_counts
+from onnxopt.passes._report import PassReport
+
+__all__ = [
+    "QuantizeInt8Options",
+    "QuantizeInt8Pass",
+    "cpu_needs_reduce_range",
+    "ort_kernel_counts",
+    "quantizable_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+# op -> indices of its data inputs (None: all of them); what ORT's QDQ selectors fuse.
+_LINEAR = {"Conv": (0,), "Gemm": (0,), "MatMul": (0,)}
+_OWN_SCALE = {"Add": (0, 1), "Concat": None, "GlobalAveragePool": (0,), "AveragePool": (0,)}
+_SHARED_SCALE = {op: (0,) for op in
+                 ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")}
+_DATA_INPUTS = {**_LINEAR, **_OWN_SCALE, **_SHARED_SCALE}
+_RELU_FUSES_AFTER = ("Conv", "Gemm", "MatMul", "Add")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeInt8Options:
+    # Activation ranges from calibration: tensor name -> (min, max). A tensor without a range
+    # stays float (its consumers are not quantized on that input).
+    ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    per_channel: bool = True  # per-tensor int8 loses ~10x SQNR on BN-folded convs
+    reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI (VPMADDUBSW saturation)
+    exclude: tuple[str, ...] = ()  # node names to keep float (the accuracy budget's fallback list)
+
+
+@dataclasses.dataclass
+class _Site:
+    node: ir.Node
+    inputs: list[ir.Value]  # activations that get a Q/DQ pair before the node
+    output: ir.Value | None  # the tensor whose pair is the node's output (maybe a Relu's output)
+
+
+class QuantizeInt8Pass(ir.passes.InPlacePass):
+    """Static int8 QDQ (uint8 activations, per-channel int8 weights) for ONNX Runtime CPU."""
+
+    name = "quantize-int8"
+    lossy = True
+    min_opset = 13  # per-channel DequantizeLinear needs axis (opset 13)
+
+    def __init__(self, options: QuantizeInt8Options | None = None):
+        super().__init__()
+        self.options = options or QuantizeInt8Options()
+
+    def call(self, model: ir.Model) -> PassReport:
+        report = PassReport(model, modified=False)
+        graph, ranges = model.graph, self.options.ranges
+        if opset_version(graph) < self.min_opset:
+            report.refuse(f"kept the model float: opset {opset_version(graph)} < 13 has no "
+                          "per-channel DequantizeLinear; upgrade the opset first")
+            return report
+        sites, refusals = _plan(graph, _qdq.infer_dtypes(model), lambda v: v.name in ranges,
+                                set(self.options.exclude))
+        for line in refusals:
+            report.refuse(line)
+        params: dict[ir.Value, tuple[np.float32, np.uint8]] = {}
+        for site in sites:  # topological order: a shared-scale input is set before its output
+            for value in site.inputs:
+                if value not in params:
+                    params[value] = _qdq.activation_qparams(*ranges[value.name])
+            if site.output is not None and site.node.op_type in _SHARED_SCALE:
+                params[site.output] = params[site.inputs[0]]
+            elif site.output is not None and site.output not in params:
+                params[site.output] = _qdq.activation_qparams(*ranges[site.output.name])
+        names, weights = NameSource(graph), {}
+        for site in sites:
+            detail = ""
+            if site.node.op_type in _LINEAR:
+                input_scale = params[site.node.inputs[0]][0]
+                detail = _qdq.quantize_weights(graph, names, site.node, input_scale, weights,
+                                               self.options.per_channel,
+                                               self.options.reduce_range) + ", "
+            what = "input/output" if site.output is not None else "input (output stays float)"
+            report.change("quantized", f"quantized {describe(site.node)}: {detail}{what} uint8")
+        for value, (scale, zero_point) in params.items():
+            _qdq.insert_qdq(graph, names, value, scale, zero_point)
+        if report.modified:
+            common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
+        return report
+
+
+def _plan(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_Site], list[str]]:
+    sites, refusals, planned = [], [], set()
+    for node in graph:
+        site = _site(node, dtypes, lambda v: v in planned or has_range(v), exclude)
+        if isinstance(site, str):
+            refusals.append(f"kept {describe(node)}: {site}")
+        elif site is not None:
+            sites.append(site)
+            planned.update(v for v in [*site.inputs, site.output] if v is not None)
+    return sites, refusals
+
+
+def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
+    """The node's quantization plan, the reason it stays float, or None if it is no candidate."""
+    if node.op_type not in _DATA_INPUTS or node.domain not in ("", "ai.onnx"):
+        return None
+    indices = _DATA_INPUTS[node.op_type] or range(len(node.inputs))
+    inputs = [node.inputs[i] for i in indices if i < len(node.inputs)]
+    if any(v is None or constant(v) is not None or v.is_initializer() for v in inputs):
+        return None  # Add of a constant, Concat with a constant: not a tensor pair ORT fuses
+    if any(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+           for v in node.inputs if v is not None):
+        return None  # already quantized
+    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+        return None  # MaxPool with Indices has no uint8 kernel
+    if node.name in exclude:
+        return "excluded (kept float on request)"
+    for value in inputs:
+        dtype = dtypes.get(value.name)
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            return f"input {value.name!r} is {dtype.name}, not FLOAT"
+    if node.op_type in _LINEAR:
+        why = _check_linear(node)
+        if why:
+            return why
+    for value in inputs:
+        if not has_range(value):
+            return f"input {value.name!r} has no calibrated range"
+    output = _output_tensor(node, exclude)
+    if output is not None and node.op_type not in _SHARED_SCALE and not has_range(output):
+        if node.op_type not in _LINEAR:
+            return f"output {output.name!r} has no calibrated range"
+        output = None
+    if output is None and node.op_type not in _LINEAR:
+        return "its output is only a graph output; a lone uint8 input gains nothing"
+    return _Site(node, inputs, output)
+
+
+def _check_linear(node: ir.Node) -> str | None:
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        name = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] else "<missing>"
+        return f"weight {name!r} is not a constant (a graph input or computed)"
+    if weight.dtype != np.float32:
+        return f"weight {node.inputs[1].name!r} is {weight.dtype}, not float32"
+    if node.op_type == "MatMul" and weight.ndim != 2:
+        return f"weight {node.inputs[1].name!r} is {weight.ndim}-D, not 2-D"
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant(node.inputs[2])
+        if bias is None or bias.dtype != np.float32:
+            return f"bias {node.inputs[2].name!r} is not a float32 constant"
+    return None
+
+
+def _output_tensor(node: ir.Node, exclude) -> ir.Value | None:
+    """Where the output pair goes: after a sole Relu/Clip(0) consumer when ORT absorbs it;
+    None when the output only leaves the graph (a pair there would feed nothing)."""
+    output = node.outputs[0]
+    consumers = output.consumers()
+    if (node.op_type in _RELU_FUSES_AFTER and len(output.uses()) == 1
+            and not output.is_graph_output() and _qdq.is_zero_floor_activation(consumers[0])
+            and consumers[0].name not in exclude):
+        output = consumers[0].outputs[0]
+    return output if output.uses() else None
+
+
+def quantizable_tensors(model: ir.Model) -> list[str]:
+    """Names of the activation tensors whose ranges the pass would use (inputs and outputs of
+    the ops it quantizes), so the caller calibrates exactly those."""
+    if opset_version(model.graph) < QuantizeInt8Pass.min_opset:
+        return []
+    sites, _ = _plan(model.graph, _qdq.infer_dtypes(model), lambda v: True, set())
+    shared = {s.output for s in sites if s.node.op_type in _SHARED_SCALE}  # reuse their input's
+    values = [v for site in sites for v in [*site.inputs, site.output] if v is not None]
+    return list(dict.fromkeys(v.name for v in values if v not in shared))
+

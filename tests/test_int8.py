@@ -1,0 +1,91 @@
+"""`--int8` end to end: calibration, the accuracy budget, ORT's integer kernels, the demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import invoke_cli, op_count
+
+from onnxopt import api, int8
+from onnxopt.errors import BadInputError
+
+DEFAULT = str(api.default_model_path())
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    with np.load(api.default_samples_path()) as data:
+        images = data["image"][:64].astype(np.float32)
+    path = tmp_path / "calib.npz"
+    np.savez(path, image=images.reshape(8, 8, 1, 64, 64))  # a stack of 8 batches of 8
+    return path
+
+
+def test_budget_parsing():
+    assert int8.parse_budget("cosine>=0.995") == int8.Budget(0.995, None)
+    assert int8.parse_budget("sqnr>=30, cosine>=0.9") == int8.Budget(0.9, 30.0)
+    assert int8.parse_budget("none") == int8.Budget(None, None)
+    with pytest.raises(BadInputError, match="--max-error"):
+        int8.parse_budget("cosine>0.9")
+
+
+def test_optimize_int8_quantizes_the_default_and_ort_runs_integer_kernels(tmp_path, calib_file,
+                                                                         capsys, monkeypatch):
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--calib", calib_file,
+                                    "--bench", "none", "--report", tmp_path / "r.json", "-q"],
+                                   capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["int8"]["quantized"] is True
+    assert report["int8"]["kernels"].get("QLinearConv") == 16
+    assert report["int8"]["kernels"].get("Conv", 0) == 0
+    assert report["verification"]["status"] == "passed"
+    assert report["verification"]["outputs"][0]["cosine"] >= 0.99
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert op_count(model, "QuantizeLinear") > 0 and op_count(model, "BatchNormalization") == 0
+    assert out.stat().st_size < api.default_model_path().stat().st_size / 3
+
+
+def test_a_missed_budget_keeps_the_float_model(tmp_path, calib_file, capsys, monkeypatch):
+    out = tmp_path / "out.onnx"
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--calib", calib_file,
+                                    "--max-error", "cosine>=0.9999999", "--bench", "none", "-q"],
+                                   capsys, monkeypatch)
+    assert "int8 missed the accuracy budget" in stdout
+    assert op_count(onnx.load(str(out)), "QuantizeLinear") == 0
+    assert op_count(onnx.load(str(out)), "BatchNormalization") == 0  # the exact passes stay
+
+
+def test_int8_needs_calibration_data_and_a_known_method(tmp_path, calib_file, capsys, monkeypatch):
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8"],
+                              capsys, monkeypatch)
+    assert code == 2 and "--int8 needs calibration data" in err
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
+                               "--calib", calib_file, "--calib-method", "magic"],
+                              capsys, monkeypatch)
+    assert code == 2 and "--calib-method 'magic'" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_random_calibration_is_announced(tmp_path, capsys, monkeypatch):
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
+                                    "--calib", "random", "--calib-samples", "16", "--bench",
+                                    "none", "-q"], capsys, monkeypatch)
+    assert code in (0, 1), err
+    assert "random" in stdout.lower()
+
+
+def test_demo_int8_keeps_digit_accuracy(tmp_path, capsys, monkeypatch):
+    code, stdout, err = invoke_cli(["demo", "--int8", "--bench", "none", "-q", "--report",
+                                    tmp_path / "r.json"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    [before, after] = next(v for k, v in report["metrics"].items() if k.startswith("digits top-1"))
+    assert before - after <= 0.01 and before > 0.95
+    assert report["int8"]["kernels"]["QLinearConv"] == 16
+    assert "digits top-1" in stdout
