@@ -11,6 +11,9 @@
    cls; MiniLM TorchScript and dynamo): onnxopt against onnxsim, onnxslim and onnxoptimizer.
 4. repeatability of `onnxopt bench`: the embedded default against itself, 1 thread, 20 s
    (p50 ratio and its 95% CI: within 3% of 1.0 and containing it on an idle machine).
+5. benchmarks/int8.py: static int8, onnxopt --int8 against ONNX Runtime's quantize_static on the
+   default model and PP-OCR cls/rec/det + MiniLM (ts), calibration memory at 32/512 samples;
+   its own JSON: benchmarks/results/int8-<date>.json (--quick: default + cls, in benchmarks/work/).
 
 Full run: JSON in benchmarks/results/suite-<date>.json (lossless.py's format plus `metrics` and
 `suite`), the printed tables in benchmarks/results/suite-<date>.txt. --quick writes to
@@ -77,6 +80,11 @@ def main(argv=None) -> int:
     default_model = str(ROOT / "onnxopt" / "data" / "digits_resnet.onnx")
     repeat = [python, "-m", "onnxopt", "bench", default_model, default_model, "--threads", "1",
               "--time", "5" if args.quick else "20", "--no-placement", "--json", str(repeat_file)]
+    int8_file = (ROOT / "benchmarks" / "work" / f"int8-quick-{today}.json" if args.quick
+                 else ROOT / "benchmarks" / "results" / f"int8-{today}.json")
+    int8 = [python, "benchmarks/int8.py", "--json", str(int8_file)]
+    int8 += (["--models", *QUICK_MODELS, "--seconds", "2", "--memory-samples", "none"]
+             if args.quick else [])
     start = time.perf_counter()
     steps = {}
     with open(out.with_suffix(".txt"), "w") as log:
@@ -86,6 +94,7 @@ def main(argv=None) -> int:
                          str(metrics_file)]),
             ("lossless", lossless),
             ("bench repeatability", repeat),
+            ("int8", int8),
         ):
             mark = time.perf_counter()
             code = run(cmd, log)
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
                 exports[name] = json.loads(info.read_text())
         if exports:
             data["minilm_exports"] = exports
+        if int8_file.is_file():
+            data["int8"] = {"results": str(int8_file.relative_to(ROOT))}
         out.write_text(json.dumps(data, indent=1))
         print(f"results: {out.relative_to(ROOT)} (tables: {out.with_suffix('.txt').relative_to(ROOT)})")
     return max(v["exit_code"] for v in steps.values())

@@ -112,7 +112,9 @@ def _bench_group(models, names, ep: str, batch: int, options: BenchOptions) -> l
             try:
                 session = stack.enter_context(runtime.model_session(
                     model, ep=ep, threads=options.threads, cuda_graph=options.cuda_graph))
-                runners.append(runtime.runner(session, feeds, ep))
+                runner = runtime.runner(session, feeds, ep)
+                runner()  # a model that cannot run on these inputs fails here, alone
+                runners.append(runner)
                 timed.append(row)
             except OnnxoptError as error:  # not installed, or this provider cannot load it
                 row.error = str(error)

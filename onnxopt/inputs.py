@@ -131,7 +131,7 @@ def show_dims(dims) -> str:
 
 def _random_tensor(model: ir.Model, spec: InputSpec, shape, rng: np.random.Generator):
     if spec.dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison is a numpy scalar
     if np.issubdtype(spec.dtype, np.integer):
         if "mask" in spec.name.lower():
             return np.ones(shape, dtype=spec.dtype)

@@ -96,54 +96,132 @@ def quantize(
     progress: Callable[[str], None] | None = None,
 ) -> Int8Result:
     say = progress or (lambda _: None)
+    _check(options)
+    from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
+
+    calib_batches, check_batches = _split_data(model, options, notes)
+    say(f"calibrating on {len(calib_batches)} batches")
+    stats = calibrate.collect_stats(model, calib_batches, quantize_int8.quantizable_tensors(model))
+    ranges = {name: _range(s, options.calib_method) for name, s in stats.items()}
+    trial = _Trial(_at_opset_13(model, notes), ranges, _reduce_range(options, notes),
+                   check_batches, verify.reference_outputs(model, check_batches), options.budget)
+    say("inserting QDQ")
+    result = trial.run(())
+    if not result.holds:
+        say("finding the layers that break the budget")
+        result = _fall_back(trial, result, notes)
+    kernels = quantize_int8.ort_kernel_counts(ir.to_proto(result.model).SerializeToString())
+    log, counts = list(result.report.log), dict(result.report.counts)
+    if not result.holds:
+        notes.append(f"int8 missed the accuracy budget ({result.why}); kept the float model")
+        return Int8Result(model, False, result.verification, kernels, len(calib_batches), log,
+                          counts)
+    return Int8Result(result.model, True, result.verification, kernels, len(calib_batches), log,
+                      counts)
+
+
+def _check(options: Int8Options) -> None:
     if options.calib is None:
         raise BadInputError("--int8 needs calibration data for now: --calib DATA (an .npz, a "
                             "folder of .npy/.npz or images with --preprocess), or --calib random")
     if options.calib_method not in METHODS:
-        raise BadInputError(f"--calib-method {options.calib_method!r}: choose from {', '.join(METHODS)}")
-    from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
+        raise BadInputError(f"--calib-method {options.calib_method!r}: choose from "
+                            f"{', '.join(METHODS)}")
+
+
+def _split_data(model: ir.Model, options: Int8Options, notes: list[str]):
+    """(calibration batches, held-out batches): the last 20% judge the budget."""
     data = calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
                                       samples=options.calib_samples, shapes=options.shapes)
     notes.extend(data.notes)
-    batches = list(data)  # one batch at a time below; the list holds the feeds, not activations
+    batches = list(data)  # feeds only; activations are reduced one batch at a time
     held = max(1, math.floor(len(batches) * _HELD_OUT)) if len(batches) > 1 else 0
     calib_batches, check_batches = batches[:len(batches) - held], batches[len(batches) - held:]
     if not check_batches:
-        check_batches = calib_batches
         notes.append("one calibration batch: the accuracy budget is judged on the same batch")
-    say(f"calibrating on {len(calib_batches)} batches")
-    tensors = quantize_int8.quantizable_tensors(model)
-    stats = calibrate.collect_stats(model, calib_batches, tensors)
-    ranges = {name: _range(s, options.calib_method) for name, s in stats.items()}
+        check_batches = calib_batches
+    return calib_batches, check_batches
+
+
+def _at_opset_13(model: ir.Model, notes: list[str]) -> ir.Model:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    quantized = model.clone()
-    if opset < quantize_int8.QuantizeInt8Pass.min_opset:
-        quantized = pipeline.upgrade_opset(quantized, quantize_int8.QuantizeInt8Pass.min_opset)
-        notes.append(f"upgraded opset {opset} -> 13 with onnx's version converter "
-                     "(per-channel DequantizeLinear needs its axis attribute)")
-    say("inserting QDQ")
-    reduce_range = options.reduce_range
-    if reduce_range is None:
-        reduce_range = quantize_int8.cpu_needs_reduce_range()
-        if reduce_range:
-            notes.append("this CPU has no VNNI: 7-bit weights (reduce_range) avoid int16 "
-                         "saturation in ORT's uint8 x int8 kernels")
-    pass_report = quantize_int8.QuantizeInt8Pass(
-        quantize_int8.QuantizeInt8Options(ranges=ranges, reduce_range=reduce_range))(quantized)
-    say("checking the accuracy budget")
-    reference = verify.reference_outputs(model, check_batches)
-    loose = verify.Tolerance(elementwise=False)
-    checked = verify.verify(pass_report.model, reference, check_batches, loose)
-    holds, why = options.budget.holds(checked.outputs) if checked.outputs else (False, checked.reason)
-    checked.status = "passed" if holds else "failed"
-    checked.reason = why
-    kernels = quantize_int8.ort_kernel_counts(ir.to_proto(pass_report.model).SerializeToString())
-    if not holds:
-        notes.append(f"int8 missed the accuracy budget ({why}); kept the float model")
-        return Int8Result(model, False, checked, kernels, len(calib_batches), pass_report.log,
-                          dict(pass_report.counts))
-    return Int8Result(pass_report.model, True, checked, kernels, len(calib_batches),
-                      pass_report.log, dict(pass_report.counts))
+    if opset >= 13:
+        return model
+    notes.append(f"upgraded opset {opset} -> 13 with onnx's version converter "
+                 "(per-channel DequantizeLinear needs its axis attribute)")
+    return pipeline.upgrade_opset(model, 13)
+
+
+def _reduce_range(options: Int8Options, notes: list[str]) -> bool:
+    from onnxopt.passes import quantize_int8
+
+    if options.reduce_range is not None:
+        return options.reduce_range
+    if quantize_int8.cpu_needs_reduce_range():
+        notes.append("this CPU has no VNNI: 7-bit weights (reduce_range) avoid int16 "
+                     "saturation in ORT's uint8 x int8 kernels")
+        return True
+    return False
+
+
+@dataclasses.dataclass
+class _Outcome:
+    model: ir.Model
+    report: object  # PassReport
+    verification: verify.Verification
+    holds: bool
+    why: str
+
+    @property
+    def score(self) -> float:
+        """The worst output's SQNR (dB): what sensitivity ranks by."""
+        return min((o.sqnr_db for o in self.verification.outputs), default=-math.inf)
+
+
+@dataclasses.dataclass
+class _Trial:
+    """Quantize a copy of `base` with some nodes kept float, and judge it against the budget."""
+
+    base: ir.Model
+    ranges: dict
+    reduce_range: bool
+    feeds: list
+    reference: list
+    budget: Budget
+
+    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
+        from onnxopt.passes import quantize_int8
+
+        options = quantize_int8.QuantizeInt8Options(ranges=self.ranges, exclude=exclude,
+                                                    reduce_range=self.reduce_range)
+        report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
+        feeds, reference = self.feeds[:batches], self.reference[:batches]
+        checked = verify.verify(report.model, reference, feeds, verify.Tolerance(elementwise=False))
+        holds, why = self.budget.holds(checked.outputs) if checked.outputs else (False, checked.reason)
+        checked.status, checked.reason = ("passed" if holds else "failed"), why
+        return _Outcome(report.model, report, checked, holds, why)
+
+
+_QUANTIZED = re.compile(r"^quantized '(.+?)' \(")
+_MAX_FALLBACK = 0.5  # past half the layers in float, int8 has nothing left to offer
+
+
+def _fall_back(trial: _Trial, full: _Outcome, notes: list[str]) -> _Outcome:
+    """Sensitivity: each quantized layer alone back in float (one held-out batch), ranked by the
+    SQNR it wins back; then the worst go back to float, one at a time, until the budget holds."""
+    names = [m[1] for line in full.report.log if (m := _QUANTIZED.match(line))]
+    gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
+    order = sorted(names, key=lambda n: -gains[n])
+    excluded: list[str] = []
+    for name in order[:max(1, int(len(order) * _MAX_FALLBACK))]:
+        excluded.append(name)
+        outcome = trial.run(tuple(excluded))
+        if outcome.holds:
+            shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in excluded)
+            notes.append(f"kept float to hold the accuracy budget ({full.why} when all were "
+                         f"int8): {shown}")
+            return outcome
+    return full
 
 
 def _range(stats, method: str) -> tuple[float, float]:

@@ -49,7 +49,10 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{path}: not an ONNX model (no ir_version or no graph in the file)")
     if len(proto.graph.node) == 0:
         raise BadInputError(f"{path}: the graph has no nodes; there is nothing to optimize or run")
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:  # onnx-ir's SerdeError: a type it cannot represent
+        raise BadInputError(f"{path}: {_unsupported(proto) or _root(error)}") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
     try:
@@ -63,6 +66,26 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{path}: fails the ONNX checker: {text[:400]}") from None
     _check_opsets(proto, path)
     return model
+
+
+def _unsupported(proto: onnx.ModelProto) -> str:
+    """Name the first map-typed value: onnx-ir (our graph library) cannot hold maps yet."""
+    infos = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    for info in infos:
+        if info.type.HasField("map_type") or (
+            info.type.HasField("sequence_type")
+            and info.type.sequence_type.elem_type.HasField("map_type")
+        ):
+            return (f"value {info.name!r} has a map type, which onnxopt cannot rewrite yet; "
+                    "for a skl2onnx classifier convert with options={id(model): {'zipmap': False}}")
+    return ""
+
+
+def _root(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"onnxopt cannot read this graph: {text[0] if text else type(error).__name__}"
 
 
 def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:

@@ -16,9 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
-from onnxopt import io
+from onnxopt import io, runtime
 from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
@@ -124,10 +123,18 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _checker_problem(model: ir.Model) -> str:
-    # CheckerPass hides large initializers from the C++ checker, so models over 2 GB work.
+    """The ONNX checker's complaint about `model`, or "". A model with external data is checked
+    from a saved copy, by path, so relative data locations resolve beside it (not beside the
+    working directory) and models over 2 GB work."""
+    import onnx
+
     try:
-        common.CheckerPass()(model)
-    except Exception as error:  # PassError wrapping onnx's ValidationError
+        with runtime.model_file(model) as source:
+            if isinstance(source, bytes):
+                onnx.checker.check_model(onnx.ModelProto.FromString(source))
+            else:
+                onnx.checker.check_model(source)
+    except Exception as error:  # onnx's ValidationError, or a serialization failure
         return _root_cause(error)
     return ""
 

@@ -110,9 +110,16 @@ def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
     names = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     if ep == "cpu":
-        return lambda: session.run(None, feeds)
+        def run_plain():
+            try:
+                return session.run(None, feeds)
+            except Exception as error:  # ORT's Fail / RuntimeException: a shape it cannot take
+                raise RuntimeFailure(f"ONNX Runtime failed to run the model: "
+                                     f"{_first_line(error)}") from None
+
+        return run_plain
     ort = onnxruntime()
-    first = session.run(None, feeds)
+    first = run(session, feeds).values()
     binding = session.io_binding()
     kept = []  # OrtValues must outlive the binding
     for name, array in feeds.items():

@@ -112,11 +112,15 @@ def _remove_identities(model: ir.Model, report: PassReport) -> None:
             if x is None:
                 continue
             is_output = y.is_graph_output()
-            if is_output and (x.is_graph_input() or x.is_initializer()
-                              or x.is_graph_output() or x.producer() is None):
-                continue  # both names are part of the interface: the Identity keeps them apart
+            if is_output and (x.is_graph_input() or x.is_initializer() or x.is_graph_output()
+                              or x.producer() is None or x.graph is not graph):
+                # Both names are part of an interface, or x lives in an outer scope, which a
+                # subgraph may not return directly: the Identity stays.
+                continue
             if x.type is None:
                 x.type = y.type
+            if is_output and x.shape is None:
+                x.shape = y.shape  # a graph output must declare its shape (checker)
             ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
             if is_output:
                 x.name = y.name  # the output keeps its name; x was internal
