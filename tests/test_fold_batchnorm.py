@@ -135,17 +135,47 @@ def test_bn_before_conv_without_padding_folds_into_it():
         assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-4)
 
 
-def test_bn_before_padded_conv_is_explained_and_becomes_mul_add():
-    rng = np.random.default_rng(4)
+def padded_conv_after_bn(rng):
     inits = [*bn_params("bn", 4, rng), tensor("W", rng.standard_normal((6, 4, 3, 3)))]
     nodes = [bn_node("bn", "x", "n"),
              helper.make_node("Conv", ["n", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, [value_info("x", [1, 4, 8, 8])], [value_info("y", None)], inits)
+    return make_model(nodes, [value_info("x", [1, 4, 8, 8])], [value_info("y", None)], inits)
+
+
+def test_bn_before_padded_conv_is_explained_and_kept():
+    """Nothing can absorb it, and ORT runs one BatchNormalization faster than Mul+Add."""
+    model = padded_conv_after_bn(np.random.default_rng(4))
     report = fold(model)
+    assert not report.modified
+    assert op_count(report.model, "BatchNormalization") == 1 and op_count(report.model, "Mul") == 0
+    [line] = report.log
+    assert "pads its input" in line and "would not fold either" in line
+    assert len(report.model.graph.initializers) == 5  # the trial's scale/shift are gone again
+
+
+def test_bn_as_mul_add_on_request():
+    rng = np.random.default_rng(4)
+    model = padded_conv_after_bn(rng)
+    report = fold(model, keep_unfolded_mul_add=True)
     assert op_count(report.model, "BatchNormalization") == 0
     assert op_count(report.model, "Mul") == 1 and op_count(report.model, "Add") == 1
-    assert any("pads its input" in line for line in report.log)
     feeds = {"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_bn_as_mul_add_that_folds_into_a_biased_convtranspose():
+    """ConvTranspose -> Add(bias) -> BN (PP-OCR det): as Mul+Add, both fold into the
+    ConvTranspose, so the rewrite is kept."""
+    rng = np.random.default_rng(5)
+    inits = [tensor("W", rng.standard_normal((4, 6, 2, 2))), tensor("b", rng.standard_normal((1, 6, 1, 1))),
+             *bn_params("bn", 6, rng)]
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["c"], name="up", strides=[2, 2]),
+             helper.make_node("Add", ["c", "b"], ["a"], name="bias"), bn_node("bn", "a", "y")]
+    model = make_model(nodes, [value_info("x", [1, 4, 5, 5])], [value_info("y", [1, 6, 10, 10])],
+                       inits)
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["ConvTranspose"]
+    feeds = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
     assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
 
 
@@ -168,7 +198,7 @@ def test_shared_producer_output_is_not_folded():
     model.graph.output.append(value_info("r", None))
     report = fold(model)
     assert op_count(report.model, "Conv") == 1
-    assert op_count(report.model, "BatchNormalization") == 0  # became Mul+Add instead
+    assert op_count(report.model, "BatchNormalization") == 1  # Mul+Add would not fold either
     assert any("has another consumer" in line for line in report.log)
     assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
 
