@@ -368,7 +368,10 @@ def run_onnxopt(name: str, src: Path, calib: Path, method: str, work: Path, time
         row["notes"] = data.get("notes", [])
         row["held_out"] = {o.get("name"): {k: o.get(k) for k in ("cosine", "sqnr_db")}
                            for o in (data.get("verification") or {}).get("outputs", [])}
-    row["output"] = str(out) if out.is_file() and row["exit_code"] == 0 else None
+    if row.get("quantized") is False and out.is_file() and row["exit_code"] == 1:
+        # the budget was missed: the CLI exits 1 (verification failed) but wrote the float model
+        row["error"], row["exit_code_note"] = "", "exit 1: int8 budget missed, float model written"
+    row["output"] = str(out) if out.is_file() and not row["error"] else None
     return row
 
 

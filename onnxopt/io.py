@@ -173,7 +173,7 @@ def save(
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
     try:
         ir.save(
-            model,
+            _without_initializer_value_info(model),
             tmpdir / path.name,
             external_data=data_name,
             size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
@@ -185,6 +185,18 @@ def save(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _without_initializer_value_info(model: ir.Model) -> ir.Model:
+    """onnx-ir writes a value_info for every initializer; the tensor already says its type and
+    shape, and exporters write none, so a model that did not change would grow. A clone (it
+    shares tensors) keeps the caller's model as it is."""
+    clone = model.clone()
+    for graph in clone.graphs():
+        for value in graph.initializers.values():
+            if not value.is_graph_input() and not value.is_graph_output():
+                value.type, value.shape = None, None
+    return clone
 
 
 def _refuse_overwriting_input(model: ir.Model, path: Path, source: str | os.PathLike | None):

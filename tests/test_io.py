@@ -90,3 +90,12 @@ def test_weight_bytes_counts_external_data(tmp_path):
     assert stats.weight_bytes == (32 * 27 + 4 * 32) * 4
     assert stats.file_bytes == os.path.getsize(src) + os.path.getsize(tmp_path / "in.onnx.data")
     assert stats.macs["Conv"] == 32 * 8 * 8 * 27
+
+
+def test_a_model_that_does_not_change_does_not_grow(tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(conv_bn(), str(src))
+    out = tmp_path / "out.onnx"
+    onnxopt.optimize(src, out, onnxopt.OptimizeOptions(passes=("cleanup",), bench=()))
+    assert os.path.getsize(out) <= os.path.getsize(src)
+    assert len(onnx.load(str(out)).graph.value_info) == 0
