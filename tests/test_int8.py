@@ -89,3 +89,33 @@ def test_demo_int8_keeps_digit_accuracy(tmp_path, capsys, monkeypatch):
     assert before - after <= 0.01 and before > 0.95
     assert report["int8"]["kernels"]["QLinearConv"] == 16
     assert "digits top-1" in stdout
+
+
+def test_sensitive_layer_falls_back_to_float_to_hold_the_budget(tmp_path):
+    """x has one huge channel that the first MatMul ignores (its weight row is 0): per-tensor
+    uint8 on x wipes out the small channels, so that MatMul must stay float; the second one
+    can still be int8."""
+    from helpers import make_model, tensor, to_ir, value_info
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16))
+    w1[0] = 0.0
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
+        [value_info("x", ["N", 8])], [value_info("y", ["N", 4])],
+        [tensor("w1", w1), tensor("w2", rng.standard_normal((16, 4)))], opset=17)
+    x = rng.standard_normal((10, 16, 8)).astype(np.float32)
+    x[:, :, 0] = 1000.0 * rng.random((10, 16))
+    np.savez(tmp_path / "calib.npz", x=x)
+    notes = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(calib=str(tmp_path / "calib.npz")), notes)
+    assert result.is_quantized, notes
+    assert any("kept float to hold the accuracy budget" in n and "'first'" in n for n in notes)
+    assert result.verification.outputs[0].cosine >= 0.99
+    quantized = {n.name for n in result.model.graph if n.op_type == "MatMul"
+                 and n.inputs[1].producer() is not None
+                 and n.inputs[1].producer().op_type == "DequantizeLinear"}
+    assert quantized == {"second"}
