@@ -17,9 +17,9 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes._graph import NameSource, constant, describe, rank_of
+from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
-__all__ = ["Unit", "find_unit", "per_channel", "fold_after", "new_initializer"]
+__all__ = ["Unit", "find_unit", "per_channel", "fold_after"]
 
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -110,15 +110,6 @@ def per_channel(c: np.ndarray, unit: Unit) -> np.ndarray | None:
     if shape[axis] != unit.channels or any(d != 1 for d in others):
         return None
     return c.reshape(unit.channels).astype(np.float64)
-
-
-def new_initializer(graph: ir.Graph, names: NameSource, base: str, array: np.ndarray) -> ir.Value:
-    name = names(base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 def fold_after(

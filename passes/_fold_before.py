@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes._affine import new_initializer
-from onnxopt.passes._graph import NameSource, constant, describe, rank_of
+from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
 __all__ = ["fold_before"]
 

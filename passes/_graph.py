@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 __all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version", "annotate_ranks",
-           "rank_of"]
+           "rank_of", "new_initializer"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -79,3 +79,13 @@ def rank_of(value: ir.Value) -> int | None:
     if value.shape is not None:
         return value.shape.rank()
     return value.meta.get(_RANK_KEY)
+
+
+def new_initializer(graph: ir.Graph, names: NameSource, base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a new initializer named after `base` (made unique)."""
+    name = names(base)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value

@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes._graph import NameSource, constant
+from onnxopt.passes._graph import NameSource, constant, new_initializer
 
 __all__ = [
     "BIAS_LIMIT",
@@ -87,23 +87,14 @@ def quantize_bias(b: np.ndarray, input_scale: np.float32,
     return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32), scale
 
 
-def _initializer(graph: ir.Graph, names: NameSource, base: str, array: np.ndarray) -> ir.Value:
-    name = names(base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
-
-
 def add_dequantized(graph: ir.Graph, names: NameSource, base: str, q: np.ndarray,
                     scale: np.ndarray, axis: int | None) -> ir.Node:
     """An initializer `q` (int8/int32) and the DequantizeLinear that reads it (not inserted).
     `axis` is set only for a per-channel (1-D) scale; zero points are 0 of q's dtype."""
     zero_point = np.zeros(scale.shape, dtype=q.dtype)
-    inputs = [_initializer(graph, names, f"{base}_quantized", q),
-              _initializer(graph, names, f"{base}_scale", scale),
-              _initializer(graph, names, f"{base}_zero_point", zero_point)]
+    inputs = [new_initializer(graph, names, f"{base}_quantized", q),
+              new_initializer(graph, names, f"{base}_scale", scale),
+              new_initializer(graph, names, f"{base}_zero_point", zero_point)]
     attributes = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
     dq = ir.node("DequantizeLinear", inputs, attributes, name=names(f"{base}_DequantizeLinear"))
     dq.outputs[0].name = names(f"{base}_dequantized")
@@ -118,8 +109,8 @@ def insert_qdq(graph: ir.Graph, names: NameSource, value: ir.Value, scale: np.fl
     A graph output keeps the float value itself (its name is the model's interface)."""
     base = value.name or "activation"
     uses = list(value.uses())  # before the QuantizeLinear below becomes one of them
-    s = _initializer(graph, names, f"{base}_scale", np.asarray(scale, dtype=np.float32))
-    zp = _initializer(graph, names, f"{base}_zero_point", np.asarray(zero_point, dtype=np.uint8))
+    s = new_initializer(graph, names, f"{base}_scale", np.asarray(scale, dtype=np.float32))
+    zp = new_initializer(graph, names, f"{base}_zero_point", np.asarray(zero_point, dtype=np.uint8))
     q = ir.node("QuantizeLinear", [value, s, zp], name=names(f"{base}_QuantizeLinear"))
     q.outputs[0].name = names(f"{base}_quantized")
     q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)

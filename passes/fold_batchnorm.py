@@ -24,13 +24,14 @@ import logging
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxopt.passes._affine import Unit, find_unit, fold_after, new_initializer, per_channel
+from onnxopt.passes._affine import Unit, find_unit, fold_after, per_channel
 from onnxopt.passes._fold_before import fold_before
 from onnxopt.passes._graph import (
     NameSource,
     annotate_ranks,
     constant,
     describe,
+    new_initializer,
     opset_version,
     rank_of,
 )
