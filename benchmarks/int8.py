@@ -517,6 +517,7 @@ def _calib_note(name: str, count: int) -> str:
 def memory_scaling(counts: list[int], args, work: Path) -> list[dict]:
     """Peak RSS of each tool's calibration subprocess at each sample count (digits_resnet)."""
     rows = []
+    work.mkdir(parents=True, exist_ok=True)
     for count in counts:
         calib = write_calib(memory_samples(count), work / f"mem{count}")
         for tool in ("onnxopt", "ort"):

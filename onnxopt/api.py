@@ -142,7 +142,9 @@ def optimize(
     if options.int8 is not None:
         mark = time.perf_counter()
         result = int8.quantize(model, options.int8, notes, progress=say)
-        model, verification = result.model, result.verification
+        model = result.model
+        if result.is_quantized:  # else the float model stands, with its exact verification
+            verification = result.verification
         runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
                                      reverted=not result.is_quantized,
                                      reason=result.verification.reason, log=result.log,

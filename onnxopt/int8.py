@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from onnxopt import calibrate, pipeline, verify
+from onnxopt import bench, calibrate, pipeline, runtime, verify
 from onnxopt.errors import BadInputError
 
 __all__ = ["Int8Options", "Int8Result", "Budget", "parse_budget", "quantize",
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 _HELD_OUT = 0.2
+_TIMING_SECONDS = 1.5  # int8 vs float, interleaved: enough to see a 5% difference on 2 cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Int8Options:
     # 7-bit weights: None = decide by the CPU (x86 without VNNI saturates VPMADDUBSW's int16
     # pair sums with full 8-bit weights; measured on the default model: top-1 98.4% -> 93.8%).
     reduce_range: bool | None = None
+    # int8 that runs slower than float on ORT CPU is not kept (tiny layers pay more for Q/DQ
+    # than they gain); False keeps it anyway (--allow-slower).
+    check_speed: bool = True
 
 
 @dataclasses.dataclass
@@ -100,24 +104,52 @@ def quantize(
     from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
 
     calib_batches, check_batches = _split_data(model, options, notes)
+    base = _at_opset_13(model, notes)  # before choosing tensors: the pass needs opset 13
     say(f"calibrating on {len(calib_batches)} batches")
-    stats = calibrate.collect_stats(model, calib_batches, quantize_int8.quantizable_tensors(model))
+    stats = calibrate.collect_stats(base, calib_batches, quantize_int8.quantizable_tensors(base))
     ranges = {name: _range(s, options.calib_method) for name, s in stats.items()}
-    trial = _Trial(_at_opset_13(model, notes), ranges, _reduce_range(options, notes),
-                   check_batches, verify.reference_outputs(model, check_batches), options.budget)
+    trial = _Trial(base, ranges, _reduce_range(options, notes), check_batches,
+                   verify.reference_outputs(model, check_batches), options.budget)
     say("inserting QDQ")
     result = trial.run(())
+    if result.report.counts.get("quantized", 0) == 0:
+        notes.append("int8: nothing in this model could be quantized; kept the float model")
+        return _kept_float(model, result, len(calib_batches), {})
     if not result.holds:
         say("finding the layers that break the budget")
         result = _fall_back(trial, result, notes)
     kernels = quantize_int8.ort_kernel_counts(ir.to_proto(result.model).SerializeToString())
-    log, counts = list(result.report.log), dict(result.report.counts)
     if not result.holds:
         notes.append(f"int8 missed the accuracy budget ({result.why}); kept the float model")
-        return Int8Result(model, False, result.verification, kernels, len(calib_batches), log,
-                          counts)
-    return Int8Result(result.model, True, result.verification, kernels, len(calib_batches), log,
-                      counts)
+        return _kept_float(model, result, len(calib_batches), kernels)
+    if not _integer_kernels(kernels):
+        notes.append("int8: ONNX Runtime fuses none of the quantized ops into an integer kernel "
+                     "here (it would only add Q/DQ work); kept the float model")
+        return _kept_float(model, result, len(calib_batches), kernels, why="no integer kernels")
+    say("timing int8 against float")
+    slower = _slower(model, result.model, check_batches[0]) if options.check_speed else ""
+    if slower:
+        notes.append(f"int8 ran slower than float on ORT CPU ({slower}); kept the float model")
+        return _kept_float(model, result, len(calib_batches), kernels, why=f"slower: {slower}")
+    return Int8Result(result.model, True, result.verification, kernels, len(calib_batches),
+                      list(result.report.log), dict(result.report.counts))
+
+
+def _kept_float(model, result: _Outcome, batches: int, kernels, why: str = "") -> Int8Result:
+    """The float model, with what was tried: verification of the float model is exact."""
+    checked = dataclasses.replace(result.verification, status="skipped",
+                                  reason=why or result.why or "nothing to quantize")
+    return Int8Result(model, False, checked, kernels, batches, list(result.report.log),
+                      dict(result.report.counts))
+
+
+def _slower(float_model: ir.Model, int8_model: ir.Model, feeds) -> str:
+    """'' when int8 is not measurably slower on ORT CPU, else the ratio with its 95% CI."""
+    with runtime.model_session(float_model) as a, runtime.model_session(int8_model) as b:
+        runners = [runtime.runner(a, feeds), runtime.runner(b, feeds)]
+        before, after = bench.measure_runners(runners, seconds=_TIMING_SECONDS)
+    ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
+    return f"{ratio:.2f}x the float latency, 95% CI {low:.2f}-{high:.2f}" if low > 1.0 else ""
 
 
 def _check(options: Int8Options) -> None:
@@ -208,20 +240,23 @@ _MAX_FALLBACK = 0.5  # past half the layers in float, int8 has nothing left to o
 
 def _fall_back(trial: _Trial, full: _Outcome, notes: list[str]) -> _Outcome:
     """Sensitivity: each quantized layer alone back in float (one held-out batch), ranked by the
-    SQNR it wins back; then the worst go back to float, one at a time, until the budget holds."""
+    SQNR it wins back; then the worst 1, 2, 4, ... go back to float until the budget holds."""
     names = [m[1] for line in full.report.log if (m := _QUANTIZED.match(line))]
     gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
     order = sorted(names, key=lambda n: -gains[n])
-    excluded: list[str] = []
-    for name in order[:max(1, int(len(order) * _MAX_FALLBACK))]:
-        excluded.append(name)
+    limit = max(1, int(len(order) * _MAX_FALLBACK))
+    count = 1
+    while True:  # 1, 2, 4, ... of the worst back to float: log(n) checks, not n
+        excluded = order[:min(count, limit)]
         outcome = trial.run(tuple(excluded))
         if outcome.holds:
             shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in excluded)
             notes.append(f"kept float to hold the accuracy budget ({full.why} when all were "
                          f"int8): {shown}")
             return outcome
-    return full
+        if count >= limit:
+            return full
+        count *= 2
 
 
 def _range(stats, method: str) -> tuple[float, float]:
@@ -234,10 +269,16 @@ def _range(stats, method: str) -> tuple[float, float]:
     return stats.range_mse(symmetric=False)
 
 
+_INTEGER_KERNELS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
+
+
+def _integer_kernels(kernels: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in kernels.items() if k.startswith(_INTEGER_KERNELS)}
+
+
 def integer_kernel_summary(kernels: dict[str, int]) -> str:
     """`QLinearConv 16, QGemm 1; float Conv 0, MatMul 0`."""
-    integer = {k: v for k, v in kernels.items() if k.startswith(("QLinear", "QGemm", "MatMulInteger",
-                                                                   "ConvInteger", "DynamicQuantize"))}
+    integer = _integer_kernels(kernels)
     floats = {k: kernels.get(k, 0) for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul")}
     left = ", ".join(f"{k} {v}" for k, v in floats.items() if v)
     return (", ".join(f"{k} {v}" for k, v in sorted(integer.items())) or "no integer kernels") + (
