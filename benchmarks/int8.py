@@ -48,7 +48,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -380,15 +379,7 @@ def run_ort(src: Path, calib: Path, method: str, work: Path, timeout: float,
     out, result = work / "ort.onnx", work / "ort.result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ort-child", str(result), str(src),
            str(out), str(calib), method, "1" if reduce_range else "0"]
-    with open(work / "ort.log", "w") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        wall = time.perf_counter() - start
+    proc, wall = lossless.timed_process(cmd, work / "ort.log", timeout)
     data = json.loads(result.read_text()) if result.is_file() else {}
     tail = " | ".join((work / "ort.log").read_text(errors="replace").strip().splitlines()[-3:])
     row = {"wall_s": wall, "tool_s": data.get("seconds"), "peak_mb": data.get("peak_rss_mb"),

@@ -182,19 +182,24 @@ def _minilm_case(case: Case) -> Case:
 # ---------------------------------------------------------------- running the tools
 
 
-def run_child(cmd: list[str], work: Path, stem: str, timeout: float) -> dict:
-    """Run `_run_tool.py` in a fresh process: wall time, the tool's own time, peak RSS, errors."""
-    log, result = work / f"{stem}.log", work / f"{stem}.result.json"
+def timed_process(cmd: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen, float]:
+    """Run `cmd` from the repository root, output to `log`, killed after `timeout` seconds;
+    returns the finished process and its wall time."""
     with open(log, "w") as handle:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(RUNNER), str(result), *cmd], cwd=ROOT,
-                                stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        wall = time.perf_counter() - start
+        return proc, time.perf_counter() - start
+
+
+def run_child(cmd: list[str], work: Path, stem: str, timeout: float) -> dict:
+    """Run `_run_tool.py` in a fresh process: wall time, the tool's own time, peak RSS, errors."""
+    log, result = work / f"{stem}.log", work / f"{stem}.result.json"
+    proc, wall = timed_process([sys.executable, str(RUNNER), str(result), *cmd], log, timeout)
     data = json.loads(result.read_text()) if result.is_file() else {}
     tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
     error = data.get("error", "")
