@@ -110,8 +110,7 @@ def optimize(
     `feeds` (batches of inputs by name) take precedence over `options.inputs`."""
     options = options or OptimizeOptions()
     say = progress or (lambda _: None)
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
+    clock = _Clock()
     say("loading")
     model, path = _load(src)
     had_external_data = bool(io.external_files(model))
@@ -119,68 +118,96 @@ def optimize(
     notes: list[str] = []
     _upgrade_ir(model, notes)
     original = model.clone()  # shares tensors; passes build new ones instead of editing
-    seconds["load"] = time.perf_counter() - start
-
-    checker, verification = None, None
+    clock.lap("load")
     if options.verify:
         say("running the original")
         feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
-        try:
-            reference = verify_mod.reference_outputs(original, feeds)
-            floor = verify_mod.noise_floor(original, reference, feeds)
-            checker = pipeline.Checker(feeds, reference, options.tolerance, floor)
-        except runtime.RuntimeFailure as error:
-            verification = verify_mod.Verification("skipped", reason=f"original: {error}")
+    checker, verification = _checker(original, feeds, options)
     passes = _build_passes(options)
     model = _upgrade_opset_for(passes, model, notes)
-    mark = time.perf_counter()
     model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
                                                  verify_each=options.verify_each, on_pass=say)
     verification = checked or verification
-    seconds["passes + verify"] = time.perf_counter() - mark
+    clock.lap("passes + verify")
     int8_summary = None
     if options.int8 is not None:
-        mark = time.perf_counter()
-        result = int8.quantize(model, options.int8, notes, progress=say)
-        model = result.model
-        if result.is_quantized:  # else the float model stands, with its exact verification
-            verification = result.verification
-        runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
-                                     reverted=not result.is_quantized,
-                                     reason=result.verification.reason, log=result.log,
-                                     counts=result.counts))
-        int8_summary = {
-            "quantized": result.is_quantized,
-            "calibration": f"{result.calibration_batches} batches, {options.int8.calib_method}",
-            "budget": result.verification.reason or "held",
-            "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
-            "kernels": result.kernels,
-        }
-        seconds["int8"] = time.perf_counter() - mark
-
+        model, verification, int8_summary = _int8(model, verification, runs, options, notes, say)
+        clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
                     int8=int8_summary)
     if options.bench:
         say("timing original vs optimized")
-        mark = time.perf_counter()
-        bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
-        report.latency = _compare_latency(original, model, bench_feeds, options, notes)
-        seconds["bench"] = time.perf_counter() - mark
-        slower = [row.ep for row in report.latency if row.is_slower]
-        if slower and not options.allow_slower:
-            notes.append(f"kept the original model: the rewrite ran slower on {', '.join(slower)} "
-                         "(--allow-slower keeps it anyway)")
-            model = original
+        model = _keep_if_not_slower(report, original, model, feeds, options)
+        clock.lap("bench")
     if dst is not None:
         say("saving")
-        mark = time.perf_counter()
         io.save(model, dst, source=path, is_external=had_external_data)
-        seconds["save"] = time.perf_counter() - mark
+        clock.lap("save")
     report.optimized = stats.model_stats(model, dst, shapes=options.shapes)
-    seconds["total"] = time.perf_counter() - start
-    report.seconds = seconds
+    report.seconds = clock.done()
     return model, report
+
+
+class _Clock:
+    """Seconds per step, and the total, for the report."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = now - self.mark
+        self.mark = now
+
+    def done(self) -> dict[str, float]:
+        self.seconds["total"] = time.perf_counter() - self.start
+        return self.seconds
+
+
+def _checker(original: ir.Model, feeds, options: OptimizeOptions):
+    """(checker, None), or (None, why verification is skipped)."""
+    if not options.verify:
+        return None, None
+    try:
+        reference = verify_mod.reference_outputs(original, feeds)
+    except runtime.RuntimeFailure as error:
+        return None, verify_mod.Verification("skipped", reason=f"original: {error}")
+    floor = verify_mod.noise_floor(original, reference, feeds)
+    return pipeline.Checker(feeds, reference, options.tolerance, floor), None
+
+
+def _int8(model, verification, runs, options: OptimizeOptions, notes, say):
+    """Run --int8 on the exactly rewritten model: (model, verification, report summary)."""
+    result = int8.quantize(model, options.int8, notes, progress=say)
+    if result.is_quantized:  # else the float model stands, with its exact verification
+        verification = result.verification
+    runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
+                                 reverted=not result.is_quantized,
+                                 reason=result.verification.reason, log=result.log,
+                                 counts=result.counts))
+    summary = {
+        "quantized": result.is_quantized,
+        "calibration": f"{result.calibration_batches} batches, {options.int8.calib_method}",
+        "budget": result.verification.reason or "held",
+        "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
+        "kernels": result.kernels,
+    }
+    return result.model, verification, summary
+
+
+def _keep_if_not_slower(report: Report, original: ir.Model, model: ir.Model, feeds,
+                        options: OptimizeOptions) -> ir.Model:
+    """Time both; a rewrite measurably slower on any provider gives way to the original."""
+    bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
+    report.latency = _compare_latency(original, model, bench_feeds, options, report.notes)
+    slower = [row.ep for row in report.latency if row.is_slower]
+    if slower and not options.allow_slower:
+        report.notes.append(f"kept the original model: the rewrite ran slower on "
+                            f"{', '.join(slower)} (--allow-slower keeps it anyway)")
+        return original
+    return model
 
 
 def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
