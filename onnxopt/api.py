@@ -193,6 +193,7 @@ def _int8(model, verification, runs, options: OptimizeOptions, notes, say):
         "budget": result.verification.reason or "held",
         "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
         "kernels": result.kernels,
+        "layer_sqnr_db": result.layer_sqnr,
     }
     return result.model, verification, summary
 

@@ -47,6 +47,7 @@ __all__ = [
     "Preprocess",
     "calibration_data",
     "collect_stats",
+    "iter_activations",
     "parse_preprocess",
 ]
 
@@ -434,10 +435,27 @@ def collect_stats(
     ORT runs with graph optimizations off, so the exposed tensors are the graph's own (a fused
     Conv+Relu would hide the Conv output)."""
     names = list(dict.fromkeys(tensors))
-    exposed, from_feeds = _expose(model, names)
     stats = {name: TensorStats(bins) for name in names}
     total = len(data) if isinstance(data, Sized) else None
     done = 0
+    for activations in iter_activations(model, data, names):
+        for name, tensor_stats in stats.items():
+            tensor_stats.update(activations[name])
+        del activations  # the next batch's activations replace these, never add to them
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    if not done:
+        raise BadInputError("calibration data holds no batches")
+    return stats
+
+
+def iter_activations(
+    model: ir.Model, data: Iterable[Feeds], names: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch, the float tensors `names` (node outputs or graph inputs) of one ORT run with
+    graph optimizations off: one batch's activations in memory at a time."""
+    exposed, from_feeds = _expose(model, list(dict.fromkeys(names)))
     needs_run = len(exposed.graph.outputs) > 0  # only graph inputs asked for: no session
     session_context = (
         runtime.model_session(exposed, optimize=False) if needs_run else contextlib.nullcontext()
@@ -445,15 +463,7 @@ def collect_stats(
     with session_context as session:
         for feeds in data:
             outputs = runtime.run(session, feeds) if needs_run else {}
-            for name, tensor_stats in stats.items():
-                tensor_stats.update(feeds[name] if name in from_feeds else outputs[name])
-            del outputs  # the next batch's activations replace these, never add to them
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    if not done:
-        raise BadInputError("calibration data holds no batches")
-    return stats
+            yield {name: feeds[name] if name in from_feeds else outputs[name] for name in names}
 
 
 def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, set[str]]:

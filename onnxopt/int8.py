@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt import bench, calibrate, pipeline, runtime, verify
@@ -90,6 +91,7 @@ class Int8Result:
     calibration_batches: int
     log: list[str]
     counts: dict[str, int]
+    layer_sqnr: dict[str, float] = dataclasses.field(default_factory=dict)  # see layer_sqnr
 
 
 def quantize(
@@ -131,8 +133,34 @@ def quantize(
     if slower:
         notes.append(f"int8 ran slower than float on ORT CPU ({slower}); kept the float model")
         return _kept_float(model, result, len(calib_batches), kernels, why=f"slower: {slower}")
-    return Int8Result(result.model, True, result.verification, kernels, len(calib_batches),
-                      list(result.report.log), dict(result.report.counts))
+    quantized = Int8Result(result.model, True, result.verification, kernels, len(calib_batches),
+                           list(result.report.log), dict(result.report.counts))
+    quantized.layer_sqnr = layer_sqnr(base, result.model, result.report.log, check_batches[:2])
+    return quantized
+
+
+def layer_sqnr(float_model: ir.Model, int8_model: ir.Model, log: list[str], feeds) -> dict:
+    """Per quantized layer (node name, graph order): SQNR in dB of its output in the int8 model
+    against the float model's, on the same inputs. Error accumulates through the network,
+    so the table shows where it grows; the worst rows are the first to keep float."""
+    quantized = {m[1] for line in log if (m := _QUANTIZED.match(line))}
+    layers = {n.outputs[0].name: n.name for n in float_model.graph
+              if n.name in quantized and n.outputs}
+    names = list(layers)
+    if not names:
+        return {}
+    signal: dict[str, float] = dict.fromkeys(names, 0.0)
+    noise: dict[str, float] = dict.fromkeys(names, 0.0)
+    pairs = zip(calibrate.iter_activations(float_model, feeds, names),
+                calibrate.iter_activations(int8_model, feeds, names))
+    for reference, got in pairs:
+        for name in names:
+            a = reference[name].astype(np.float64)
+            signal[name] += float(np.sum(a * a))
+            noise[name] += float(np.sum((a - got[name].astype(np.float64)) ** 2))
+    return {layers[name]: (math.inf if noise[name] == 0 else
+                           10 * math.log10(signal[name] / noise[name]) if signal[name] > 0
+                           else -math.inf) for name in names}
 
 
 def _kept_float(model, result: _Outcome, batches: int, kernels, why: str = "") -> Int8Result:

@@ -134,6 +134,10 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
         colour = "green" if report.int8["quantized"] else "red"
         table.add_row("accuracy budget", "", f"[{colour}]{escape(budget)}[/{colour}]", "")
         table.add_row("ORT CPU kernels", "", escape(report.int8["ort_cpu_kernels"]), "")
+        layers = report.int8.get("layer_sqnr_db") or {}
+        for name, sqnr in sorted(layers.items(), key=lambda kv: kv[1])[:5]:
+            table.add_row(f"SQNR {escape(name)}", "", f"{sqnr:.1f} dB",
+                          "worst layers; all in --report")
     _latency_rows(table, report.latency)
     table.add_row("[bold]time", "", "", "")
     for step, seconds in report.seconds.items():

@@ -159,3 +159,17 @@ def test_int8_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
     assert not result.is_quantized
     assert any("int8 ran slower than float" in n for n in notes)
     assert all(n.op_type == "MatMul" for n in result.model.graph)
+
+
+def test_layer_sqnr_table(tmp_path, calib_file, capsys, monkeypatch):
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
+                                    "--calib", calib_file, "--bench", "none", "-q",
+                                    "--report", tmp_path / "r.json"], capsys, monkeypatch)
+    assert code == 0, err
+    layers = json.loads((tmp_path / "r.json").read_text())["int8"]["layer_sqnr_db"]
+    import onnx_ir as ir
+
+    node_names = {n.name for n in ir.load(DEFAULT).graph}
+    assert len(layers) >= 16 and set(layers) <= node_names
+    assert sum(name.endswith("Conv") for name in layers) == 16
+    assert all(15 < v < 80 for v in layers.values())  # int8: tens of dB, not exact, not noise
