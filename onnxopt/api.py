@@ -131,7 +131,8 @@ def optimize(
     clock.lap("passes + verify")
     int8_summary = None
     if options.int8 is not None:
-        model, verification, int8_summary = _int8(model, verification, runs, options, notes, say)
+        model, verification, int8_summary = _int8(model, verification, runs, options, feeds,
+                                                  notes, say)
         clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
@@ -178,9 +179,11 @@ def _checker(original: ir.Model, feeds, options: OptimizeOptions):
     return pipeline.Checker(feeds, reference, options.tolerance, floor), None
 
 
-def _int8(model, verification, runs, options: OptimizeOptions, notes, say):
+def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say):
     """Run --int8 on the exactly rewritten model: (model, verification, report summary)."""
-    result = int8.quantize(model, options.int8, notes, progress=say)
+    if not feeds and options.int8.calib is None:
+        feeds = load_feeds(model, options, notes)  # dynamic int8 judges its budget on these
+    result = int8.quantize(model, options.int8, notes, feeds=feeds, progress=say)
     if result.is_quantized:  # else the float model stands, with its exact verification
         verification = result.verification
     runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
@@ -189,7 +192,8 @@ def _int8(model, verification, runs, options: OptimizeOptions, notes, say):
                                  counts=result.counts))
     summary = {
         "quantized": result.is_quantized,
-        "calibration": f"{result.calibration_batches} batches, {options.int8.calib_method}",
+        "calibration": (f"{result.calibration_batches} batches, {options.int8.calib_method}"
+                        if result.calibration_batches else "none: dynamic int8"),
         "budget": result.verification.reason or "held",
         "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
         "kernels": result.kernels,

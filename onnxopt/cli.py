@@ -99,6 +99,8 @@ def optimize(
         help="For image folders: size=224,mean=0.485/0.456/0.406,std=...,layout=NCHW")] = None,
     max_error: Annotated[str, typer.Option(
         help="int8 budget per output: cosine>=0.99, sqnr>=30, or none.")] = "cosine>=0.99",
+    quant_mode: Annotated[str, typer.Option(
+        help="auto (static with --calib, else dynamic), static or dynamic.")] = "auto",
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""
@@ -106,7 +108,7 @@ def optimize(
     if int8_flag:
         int8_options = int8.Int8Options(calib, calib_method, calib_samples, preprocess,
                                         int8.parse_budget(max_error), _shapes(shape),
-                                        check_speed=not allow_slower)
+                                        check_speed=not allow_slower, mode=quant_mode)
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,

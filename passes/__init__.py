@@ -5,16 +5,19 @@ from __future__ import annotations
 from onnxopt.passes._report import PassReport
 from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
+from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
-            "QuantizeInt8Pass", "QuantizeInt8Options"]
+            "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
+            "QuantizeDynamicOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
     FoldBatchNormPass.name: FoldBatchNormPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
+    QuantizeDynamicPass.name: QuantizeDynamicPass,
 }
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.

@@ -62,15 +62,56 @@ def test_a_missed_budget_keeps_the_float_model(tmp_path, calib_file, capsys, mon
     assert op_count(onnx.load(str(out)), "BatchNormalization") == 0  # the exact passes stay
 
 
-def test_int8_needs_calibration_data_and_a_known_method(tmp_path, calib_file, capsys, monkeypatch):
-    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8"],
-                              capsys, monkeypatch)
-    assert code == 2 and "--int8 needs calibration data" in err
+def test_int8_without_calibration_on_a_cnn_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """No --calib: dynamic int8 covers MatMul/Gemm only; this CNN has nothing for it."""
+    out = tmp_path / "o.onnx"
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--bench", "none",
+                                    "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "pass --calib for static int8 of the 16 Conv layers" in " ".join(stdout.split())
+    assert op_count(onnx.load(str(out)), "DynamicQuantizeMatMul") == 0
+
+
+def test_static_mode_needs_calibration_data_and_a_known_method(tmp_path, calib_file, capsys,
+                                                               monkeypatch):
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
+                               "--quant-mode", "static"], capsys, monkeypatch)
+    assert code == 2 and "--quant-mode static needs calibration data" in err
     code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
                                "--calib", calib_file, "--calib-method", "magic"],
                               capsys, monkeypatch)
     assert code == 2 and "--calib-method 'magic'" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def mlp(seed=3):
+    from helpers import make_model, tensor, value_info
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+         helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        [value_info("x", ["batch", "seq", 128])], [value_info("y", ["batch", "seq", 64])],
+        [tensor("w1", rng.standard_normal((128, 256)) * 0.1), tensor("b1", rng.standard_normal(256)),
+         tensor("w2", rng.standard_normal((256, 64)) * 0.1)], opset=17)
+
+
+def test_dynamic_int8_quantizes_matmuls_without_calibration(tmp_path, capsys, monkeypatch):
+    onnx.save(mlp(), str(tmp_path / "mlp.onnx"))
+    out = tmp_path / "o.onnx"
+    code, stdout, err = invoke_cli(["optimize", tmp_path / "mlp.onnx", "-o", out, "--int8",
+                                    "--shape", "x:2,16,128", "--allow-slower", "--bench", "none",
+                                    "-q", "--report", tmp_path / "r.json"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["int8"]["quantized"] is True
+    assert report["int8"]["calibration"] == "none: dynamic int8"
+    assert report["verification"]["outputs"][0]["cosine"] >= 0.99
+    model = onnx.load(str(out))
+    assert op_count(model, "DynamicQuantizeMatMul") == 2 and op_count(model, "MatMul") == 0
 
 
 def test_random_calibration_is_announced(tmp_path, capsys, monkeypatch):
