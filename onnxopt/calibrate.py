@@ -36,9 +36,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxopt import inputs, runtime
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, first_line
 from onnxopt.histogram import TensorStats
-from onnxopt.images import Preprocess, first_line, image_size, load_image, parse_preprocess
+from onnxopt.images import Preprocess, image_size, load_image, parse_preprocess
 from onnxopt.inputs import Feeds, InputSpec, show_dims
 
 __all__ = [

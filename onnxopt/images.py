@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, first_line
 from onnxopt.inputs import InputSpec, show_dims
 
-__all__ = ["Preprocess", "parse_preprocess", "image_size", "load_image", "first_line"]
+__all__ = ["Preprocess", "parse_preprocess", "image_size", "load_image"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +143,3 @@ def load_image(path: Path, spec: InputSpec, preprocess: Preprocess, size) -> np.
     if preprocess.layout == "NCHW":
         x = x.transpose(2, 0, 1)
     return np.ascontiguousarray(x, dtype=spec.dtype)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, root_cause
 
 __all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "PROTOBUF_LIMIT"]
 
@@ -52,7 +52,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:  # onnx-ir's SerdeError: a type it cannot represent
-        raise BadInputError(f"{path}: {_unsupported(proto) or _root(error)}") from None
+        raise BadInputError(f"{path}: {_unsupported(proto) or 'onnxopt cannot read this graph: ' + root_cause(error)}") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
     try:
@@ -79,13 +79,6 @@ def _unsupported(proto: onnx.ModelProto) -> str:
             return (f"value {info.name!r} has a map type, which onnxopt cannot rewrite yet; "
                     "for a skl2onnx classifier convert with options={id(model): {'zipmap': False}}")
     return ""
-
-
-def _root(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    return f"onnxopt cannot read this graph: {text[0] if text else type(error).__name__}"
 
 
 def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:

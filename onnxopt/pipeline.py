@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxopt import io, runtime
 from onnxopt import verify as verify_mod
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, root_cause
 from onnxopt.inputs import Feeds
 from onnxopt.passes import PassReport
 
@@ -92,7 +92,7 @@ def _run(model, passes, checker, on_pass) -> tuple[ir.Model, list[PassRun]]:
         try:
             result = pass_(model)
         except Exception as error:  # a pass bug must not cost the user their model
-            root = _root_cause(error)
+            root = root_cause(error)
             logger.debug("pass %s crashed", name, exc_info=True)
             run.seconds = time.perf_counter() - start
             if snapshot is None:
@@ -115,13 +115,6 @@ def _run(model, passes, checker, on_pass) -> tuple[ir.Model, list[PassRun]]:
     return model, runs
 
 
-def _root_cause(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _checker_problem(model: ir.Model) -> str:
     """The ONNX checker's complaint about `model`, or "". A model with external data is checked
     from a saved copy, by path, so relative data locations resolve beside it (not beside the
@@ -135,7 +128,7 @@ def _checker_problem(model: ir.Model) -> str:
             else:
                 onnx.checker.check_model(source)
     except Exception as error:  # onnx's ValidationError, or a serialization failure
-        return _root_cause(error)
+        return root_cause(error)
     return ""
 
 
@@ -148,7 +141,7 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
         proto = version_converter.convert_version(ir.to_proto(model), target)
     except Exception as error:  # the converter raises plain RuntimeError/ValueError
         raise BadInputError(f"onnx's version converter cannot take this model to opset {target}: "
-                            f"{_root_cause(error)}") from None
+                            f"{root_cause(error)}") from None
     upgraded = ir.serde.deserialize_model(proto)
     for base_dir in base_dirs:  # external weights stay where they are; point at them again
         ir.external_data.set_base_dir(upgraded.graph, base_dir)

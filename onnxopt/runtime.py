@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.errors import BadInputError, OnnxoptError
+from onnxopt.errors import BadInputError, OnnxoptError, first_line
 
 __all__ = ["onnxruntime", "make_session", "run", "runner", "model_file", "model_session", "PROVIDERS",
            "RuntimeFailure"]
@@ -98,7 +98,7 @@ def make_session(
     try:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+        raise RuntimeFailure(f"ONNX Runtime cannot load the model: {first_line(error)}") from None
 
 
 def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
@@ -115,7 +115,7 @@ def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
                 return session.run(None, feeds)
             except Exception as error:  # ORT's Fail / RuntimeException: a shape it cannot take
                 raise RuntimeFailure(f"ONNX Runtime failed to run the model: "
-                                     f"{_first_line(error)}") from None
+                                     f"{first_line(error)}") from None
 
         return run_plain
     ort = onnxruntime()
@@ -178,12 +178,5 @@ def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
     try:
         values = session.run(None, {k: v for k, v in feeds.items() if k in names})
     except Exception as error:
-        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_first_line(error)}") from None
+        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {first_line(error)}") from None
     return {o.name: v for o, v in zip(session.get_outputs(), values)}
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    # ORT prefixes messages with "[ONNXRuntimeError] : 1 : FAIL : "; keep the reason.
-    text = text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
-    return text.splitlines()[0] if text else type(error).__name__
