@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
-from onnxopt import inputs, io, runtime
+from onnxopt import inputs, io
 from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
 from onnxopt.verify import Tolerance, Verification
@@ -99,8 +99,7 @@ def validate_providers(
     else:
         feeds = inputs.generate(model_a, shapes=shapes, batches=batches, seed=seed)
     reference_ep = eps[0]
-    with runtime.model_session(model_a, ep=reference_ep, optimize=False) as session:
-        reference = [runtime.run(session, batch) for batch in feeds]
+    reference = verify_mod.reference_outputs(model_a, feeds, ep=reference_ep)
     if model_b is not None:
         candidates = [(b, model_b, ep) for ep in eps]
     else:
@@ -109,20 +108,7 @@ def validate_providers(
     for path, model, ep in candidates:
         precision, profile = tolerance_for(model, same_provider=ep == reference_ep)
         chosen = tolerance or profile
-        result = _verify_on(model, ep, reference, feeds, chosen, ort_optimize)
+        result = verify_mod.verify(model, reference, feeds, chosen, ep=ep,
+                                   optimize=ort_optimize)
         comparisons.append(Comparison(str(path), ep, reference_ep, precision, chosen, result))
     return comparisons
-
-
-def _verify_on(model, ep, reference, feeds, tolerance: Tolerance, optimize: bool) -> Verification:
-    """Like verify.verify, on any provider; a provider that fails is a failed comparison."""
-    try:
-        with runtime.model_session(model, ep=ep, optimize=optimize) as session:
-            outputs = [runtime.run(session, batch) for batch in feeds]
-    except runtime.RuntimeFailure as error:  # the provider cannot load or run this model
-        return Verification("failed", reason=str(error), batches=len(feeds))
-    except BadInputError as error:  # the provider is not installed
-        return Verification("skipped", reason=str(error), batches=len(feeds))
-    errors = verify_mod.compare(reference, outputs, tolerance)
-    status = "passed" if all(e.is_close for e in errors) else "failed"
-    return Verification(status, outputs=errors, batches=len(feeds))

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runtime
+from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 
 __all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "verify", "compare"]
@@ -80,10 +81,10 @@ class Verification:
 
 
 def reference_outputs(
-    model: ir.Model, feeds: Sequence[Feeds], *, optimize: bool = False
+    model: ir.Model, feeds: Sequence[Feeds], *, optimize: bool = False, ep: str = "cpu"
 ) -> list[Outputs]:
     """Outputs of `model` for every batch; raises RuntimeFailure when ORT cannot run it."""
-    with runtime.model_session(model, optimize=optimize) as session:
+    with runtime.model_session(model, optimize=optimize, ep=ep) as session:
         return [runtime.run(session, batch) for batch in feeds]
 
 
@@ -103,11 +104,18 @@ def verify(
     feeds: Sequence[Feeds],
     tolerance: Tolerance = Tolerance(),
     floor: Mapping[str, float] | None = None,
+    *,
+    ep: str = "cpu",
+    optimize: bool = False,
 ) -> Verification:
+    """Run `model` on `ep` and compare with `reference`. A model the provider cannot load or
+    run fails; a provider that is not installed is "skipped" (nothing was compared)."""
     try:
-        outputs = reference_outputs(model, feeds)
+        outputs = reference_outputs(model, feeds, optimize=optimize, ep=ep)
     except runtime.RuntimeFailure as error:
         return Verification("failed", reason=str(error), batches=len(feeds))
+    except BadInputError as error:
+        return Verification("skipped", reason=str(error), batches=len(feeds))
     errors = compare(reference, outputs, tolerance, floor)
     status = "passed" if all(e.is_close for e in errors) else "failed"
     return Verification(status, outputs=errors, batches=len(feeds), floor=dict(floor or {}))
