@@ -44,6 +44,14 @@ class Budget:
     min_cosine: float | None = 0.99  # conservative: `--int8` alone must never wreck a model
     min_sqnr_db: float | None = None
 
+    def judge(self, model: ir.Model, reference, feeds) -> tuple[verify.Verification, bool, str]:
+        """Run `model` on `feeds` against the float `reference`: (verification, holds, why).
+        Int8 is never elementwise close; only this budget decides."""
+        checked = verify.verify(model, reference, feeds, verify.Tolerance(elementwise=False))
+        holds, why = self.holds(checked.outputs) if checked.outputs else (False, checked.reason)
+        checked.status, checked.reason = ("passed" if holds else "failed"), why
+        return checked, holds, why
+
     def holds(self, errors: list[verify.OutputError]) -> tuple[bool, str]:
         for out in errors:
             if self.min_cosine is not None and not out.cosine >= self.min_cosine:
@@ -212,12 +220,12 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
         quantized = model.clone()
         report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
             reduce_range=reduce_range))(quantized)
-        checked = verify.verify(quantized, reference, feeds, verify.Tolerance(elementwise=False))
+        checked, holds, why = options.budget.judge(quantized, reference, feeds)
         worst = min((o.cosine for o in checked.outputs), default=-1.0)
-        trials.append((worst, reduce_range, quantized, report, checked))
+        trials.append((worst, reduce_range, quantized, report, checked, holds, why))
         if not report.counts.get("quantized"):
             break
-    worst, reduce_range, quantized, report, checked = max(trials, key=lambda t: t[0])
+    _, reduce_range, quantized, report, checked, holds, why = max(trials, key=lambda t: t[0])
     if reduce_range:
         notes.append("dynamic int8 with 7-bit weights (reduce_range): measured closer to fp32 "
                      "on this CPU")
@@ -226,13 +234,10 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
         notes.append(f"pass --calib for static int8 of the {convs} Conv layers (dynamic int8 "
                      "covers MatMul/Gemm only: quantizing activations at run time does not pay "
                      "for convolutions on CPU)")
-    outcome = _Outcome(quantized, report, verify.Verification("skipped"), False, "")
+    outcome = _Outcome(quantized, report, checked, holds, why)
     if not report.counts.get("quantized"):
         notes.append("int8 (dynamic): no MatMul/Gemm with a large constant weight; kept float")
         return _kept_float(model, outcome, 0, {}, why="nothing to quantize without --calib")
-    holds, why = options.budget.holds(checked.outputs) if checked.outputs else (False, checked.reason)
-    checked.status, checked.reason = ("passed" if holds else "failed"), why
-    outcome = _Outcome(quantized, report, checked, holds, why)
     kernels = quantize_int8.ort_kernel_counts(ir.to_proto(quantized).SerializeToString())
     if not holds:
         notes.append(f"int8 (dynamic) missed the accuracy budget ({why}); kept the float model")
@@ -320,9 +325,7 @@ class _Trial:
                                                     reduce_range=self.reduce_range)
         report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
         feeds, reference = self.feeds[:batches], self.reference[:batches]
-        checked = verify.verify(report.model, reference, feeds, verify.Tolerance(elementwise=False))
-        holds, why = self.budget.holds(checked.outputs) if checked.outputs else (False, checked.reason)
-        checked.status, checked.reason = ("passed" if holds else "failed"), why
+        checked, holds, why = self.budget.judge(report.model, reference, feeds)
         return _Outcome(report.model, report, checked, holds, why)
 
 
