@@ -62,8 +62,8 @@ from rich.table import Table
 from onnxopt import bench, runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lossless  # noqa: E402  (versions, git_state, write_json, run_child, _shuffled_rounds)
-import real_models  # noqa: E402
+import lossless
+import real_models
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "onnxopt" / "data" / "digits_resnet.onnx"
@@ -72,6 +72,9 @@ MODELS = ["digits_resnet", "ppocr_cls", "ppocr_rec", "ppocr_det", "minilm_ts"]
 CALIB_COUNT = {"digits_resnet": 64, "ppocr_cls": 64, "ppocr_rec": 64, "ppocr_det": 8,
                "minilm_ts": 64}
 TOOLS = ("onnxopt", "onnxopt-op13", "ort", "ort-rr")
+# onnxopt with other settings, to measure what each refinement brings (--tools onnxopt,onnxopt-noeq)
+VARIANTS = {"onnxopt-nobc": ("--no-bias-correction",), "onnxopt-noeq": ("--no-equalize",),
+            "onnxopt-clip": ("--clip-weights", "mse"), "onnxopt-nobudget": ("--max-error", "none")}
 # onnxopt-op13: onnxopt on the model upgraded to opset 13 first (only for opset < 13 models);
 # ort-rr: ORT's tool with reduce_range=True (7-bit weights)
 stderr = Console(stderr=True)
@@ -122,8 +125,13 @@ def _peak_rss_mb() -> float | None:
 def ort_child(result_path: str, src: str, dst: str, calib: str, method: str,
               reduce_range: str = "0") -> None:
     """quant_pre_process -> opset 13 -> quantize_static; per-step seconds and errors, VmHWM."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     result: dict = {"error": "", "steps": {}, "notes": []}
@@ -345,10 +353,12 @@ def _iou(a, b) -> float:
 # ---------------------------------------------------------------- running the tools
 
 
-def run_onnxopt(name: str, src: Path, calib: Path, method: str, work: Path, timeout: float) -> dict:
+def run_onnxopt(name: str, src: Path, calib: Path, method: str, work: Path, timeout: float,
+                flags: tuple[str, ...] = ()) -> dict:
     out, report = work / "onnxopt.onnx", work / "onnxopt-report.json"
     cmd = ["onnxopt", "optimize", str(src), "-o", str(out), "--int8", "--calib", str(calib),
-           "--calib-method", method, "--bench", "none", "--quiet", "--report", str(report)]
+           "--calib-method", method, "--bench", "none", "--quiet", "--report", str(report),
+           *flags]
     if name != "digits_resnet":  # verification of the exact passes on realistic inputs
         cmd += ["--inputs", str(real_models.inputs_path(name))]
     row = lossless.run_child(cmd, work, "onnxopt", timeout)
@@ -464,8 +474,9 @@ def bench_model(name: str, methods: list[str], args, work: Path) -> dict:
                 row = run_onnxopt(name, upgraded, calib, method, folder, args.timeout)
             else:
                 say(f"{key}: quantizing")
-                row = (run_onnxopt(name, src, calib, method, folder, args.timeout)
-                       if tool == "onnxopt"
+                row = (run_onnxopt(name, src, calib, method, folder, args.timeout,
+                                   VARIANTS.get(tool, ()))
+                       if tool == "onnxopt" or tool in VARIANTS
                        else run_ort(src, calib, method, folder, args.timeout, tool == "ort-rr"))
             if row.get("output"):
                 row["file_mb"] = os.path.getsize(row["output"]) / 2**20

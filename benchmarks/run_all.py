@@ -14,6 +14,8 @@
 5. benchmarks/int8.py: static int8, onnxopt --int8 against ONNX Runtime's quantize_static on the
    default model and PP-OCR cls/rec/det + MiniLM (ts), calibration memory at 32/512 samples;
    its own JSON: benchmarks/results/int8-<date>.json (--quick: default + cls, in benchmarks/work/).
+6. benchmarks/transfer.py (full run only): `onnxopt transfer` of MiniLM between its TorchScript
+   and dynamo exports, both ways; its own JSON: benchmarks/results/transfer-<date>.json.
 
 Full run: JSON in benchmarks/results/suite-<date>.json (lossless.py's format plus `metrics` and
 `suite`), the printed tables in benchmarks/results/suite-<date>.txt. --quick writes to
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
             ("lossless", lossless),
             ("bench repeatability", repeat),
             ("int8", int8),
+            *([] if args.quick else [("transfer", [python, "benchmarks/transfer.py"])]),
         ):
             mark = time.perf_counter()
             code = run(cmd, log)

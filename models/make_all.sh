@@ -27,6 +27,9 @@ TF_PY="${TF_PY:-/work/venv-tf/bin/python}"
 echo "== export_torch.py (TorchScript + dynamo exporters)"
 "$EXPORT_PY" "$HERE/export_torch.py"
 
+echo "== export_transfer.py (models for onnxopt transfer)"
+"$EXPORT_PY" "$HERE/export_transfer.py"
+
 echo "== train_default.py (embedded default model, a few minutes on CPU)"
 "$EXPORT_PY" "$HERE/train_default.py"
 

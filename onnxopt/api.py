@@ -48,6 +48,7 @@ class OptimizeOptions:
     # not kept, the original is written instead, unless this is set.
     allow_slower: bool = False
     int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.int8)
+    transfer_from: str | None = None  # --transfer-from SRC: its weights first (_transfer_first)
 
 
 def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model, str | None]:
@@ -117,6 +118,7 @@ def optimize(
     original_stats = stats.model_stats(model, path, shapes=options.shapes)
     notes: list[str] = []
     _upgrade_ir(model, notes)
+    model, transferred = _transfer_first(model, options, say)
     original = model.clone()  # shares tensors; passes build new ones instead of editing
     clock.lap("load")
     if options.verify:
@@ -128,6 +130,7 @@ def optimize(
     model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
                                                  verify_each=options.verify_each, on_pass=say)
     verification = checked or verification
+    runs = transferred + runs
     clock.lap("passes + verify")
     int8_summary = None
     if options.int8 is not None:
@@ -261,3 +264,20 @@ def default_model_path() -> Path:
 
 def default_samples_path() -> Path:
     return Path(__file__).parent / "data" / "digits_samples.npz"
+
+
+# --- optimize --transfer-from (issue 6) ---------------------------------------------------------
+
+def _transfer_first(model: ir.Model, options: OptimizeOptions, say: Progress):
+    """SRC's weights into the model before any pass (passes/transfer.py). The transfer changes
+    the function on purpose, so its result, not the model as loaded, is the original that the
+    passes are verified against and that a slower rewrite falls back to."""
+    if not options.transfer_from:
+        return model, []
+    from onnxopt.passes import TransferPass
+    from onnxopt.transfer import TransferOptions
+
+    transfer = TransferPass(options.transfer_from, TransferOptions(
+        inputs=options.inputs, shapes=options.shapes, seed=options.seed, verify=options.verify))
+    model, runs, _ = pipeline.run_pipeline(model, [transfer], checker=None, on_pass=say)
+    return model, runs

@@ -101,6 +101,17 @@ def optimize(
         help="int8 budget per output: cosine>=0.99, sqnr>=30, or none.")] = "cosine>=0.99",
     quant_mode: Annotated[str, typer.Option(
         help="auto (static with --calib, else dynamic), static or dynamic.")] = "auto",
+    target: Annotated[str, typer.Option(
+        help="Where the int8 model runs: ort-cpu, ort-cuda or tensorrt.")] = "ort-cpu",
+    clip_weights: Annotated[str, typer.Option(
+        help="int8 weight range per channel: max, mse or percentile.")] = "max",
+    bias_correction: Annotated[Optional[bool], typer.Option(
+        "--bias-correction/--no-bias-correction",
+        help="Correct int8 mean output shifts (default: kept where it helps).")] = None,
+    equalize: Annotated[bool, typer.Option(
+        help="Cross-layer equalization of Conv -> Relu -> Conv before int8.")] = True,
+    transfer_from: Annotated[Optional[str], typer.Option(
+        help="First copy the trained weights of this model in (see `onnxopt transfer`).")] = None,
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""
@@ -108,12 +119,14 @@ def optimize(
     if int8_flag:
         int8_options = int8.Int8Options(calib, calib_method, calib_samples, preprocess,
                                         int8.parse_budget(max_error), _shapes(shape),
-                                        check_speed=not allow_slower, mode=quant_mode)
+                                        check_speed=not allow_slower, mode=quant_mode,
+                                        target=target, clip_weights=clip_weights,
+                                        bias_correction=bias_correction, equalize=equalize)
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,
         tolerance=verify.Tolerance(rtol, atol), bench=_split(bench), bench_seconds=bench_seconds,
-        allow_slower=allow_slower, int8=int8_options,
+        allow_slower=allow_slower, int8=int8_options, transfer_from=transfer_from,
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)
@@ -283,6 +296,74 @@ def list_passes():
         table.add_row(name, "lossy" if is_lossy else "exact",
                       "yes" if name in DEFAULT_PIPELINE else "", text)
     stdout.print(table)
+
+
+@app.command("transfer")
+def transfer_command(
+    source: Annotated[str, typer.Argument(help="SRC: the model with the trained weights.")],
+    destination: Annotated[str, typer.Argument(help="DST: the graph to fill (never modified).")],
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Where to write DST with SRC's weights.")] = None,
+    match: Annotated[str, typer.Option(
+        help="auto (name, normalized name, structure), name, normalized or structure.")] = "auto",
+    only: Annotated[Optional[str], typer.Option(
+        help="Regex: only DST tensors whose name (or matched SRC name) matches.")] = None,
+    map_path: Annotated[Optional[str], typer.Option(
+        "--map", help="JSON {dst_tensor: src_tensor}: settles ambiguous or unmatched tensors.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the report, write nothing.")] = False,
+    report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Do not run SRC and OUT.")] = False,
+    inputs: InputsOpt = None,
+    shape: ShapeOpt = None,
+    batches: BatchesOpt = 2,
+    rtol: RtolOpt = 1e-4,
+    atol: AtolOpt = 1e-5,
+):
+    """Copy SRC's trained weights into DST (re-export, new exporter, new head, folded BN)."""
+    from onnxopt import transfer
+
+    if output is None and not dry_run:
+        raise BadInputError("transfer: give -o OUT.onnx, or --dry-run to only see the matching")
+    options = transfer.TransferOptions(
+        match=match, only=only, mapping=transfer.load_map(map_path) if map_path else {},
+        verify=not no_verify, inputs=inputs, shapes=_shapes(shape), batches=batches,
+        tolerance=verify.Tolerance(rtol, atol))
+    _, result = transfer.transfer(source, destination, None if dry_run else output, options)
+    _render_transfer(result)
+    if report_path:
+        report.write_dict_json(result.as_dict(), report_path)
+    checked = result.verification
+    if result.expects_same_outputs and checked is not None and checked.status == "failed":
+        raise typer.Exit(1)
+
+
+def _render_transfer(result) -> None:
+    table = Table(title=escape(f"onnxopt transfer: {result.source} -> {result.destination} -> "
+                               f"{result.output or '(not saved)'}"))
+    for column in ("DST tensor", "SRC tensor", "rule", "shape"):
+        table.add_column(column, overflow="fold")
+    for row in result.transferred:
+        rule = row.rule + (f" ({row.transform})" if row.transform else "")
+        table.add_row(escape(row.name), escape(row.src), rule, "x".join(map(str, row.shape)))
+    for row in result.refused:
+        table.add_row(escape(row.name), f"[red]refused[/red]: {escape(row.reason)}", "",
+                      "x".join(map(str, row.shape)))
+    for row in result.unmatched_dst:
+        table.add_row(escape(row.name), "[yellow]unmatched[/yellow]", "",
+                      "x".join(map(str, row.shape)))
+    stdout.print(table)
+    from onnxopt.transfer import summary_lines
+
+    for line in summary_lines(result):
+        stdout.print(escape(line))
+    if result.unmatched_src:
+        names = ", ".join(t.name for t in result.unmatched_src[:8])
+        more = f" and {len(result.unmatched_src) - 8} more" if len(result.unmatched_src) > 8 else ""
+        stdout.print(escape(f"unused in SRC: {names}{more}"))
+    if result.outside_only:
+        stdout.print(escape(f"{result.outside_only} DST tensors outside --only {result.only!r}"))
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 def main() -> None:

@@ -67,26 +67,37 @@ def run_pipeline(
 
     Returns the model to keep, what each pass did, and the kept model's verification (None
     without a checker)."""
+    original = None if verify_each else model.clone()  # clones share the weights' data
+    try:
+        model, runs = _run(model, passes, checker if verify_each else None, on_pass,
+                           careful=verify_each)
+    except _Crashed:  # an in-place pass died half-way: start again, a snapshot per pass
+        logger.info("a pass crashed; replaying with a snapshot before every pass")
+        model, runs = _run(original, passes, checker, on_pass, careful=True)
+        return model, runs, checker(model) if checker is not None else None
     if checker is None:
-        model, runs = _run(model, passes, None, on_pass)
         return model, runs, None
-    original = None if verify_each else model.clone()
-    model, runs = _run(model, passes, checker if verify_each else None, on_pass)
     verification = checker(model)
     if original is not None and not verification.passed:
         logger.info("final verification failed; replaying with per-pass verification")
-        model, runs = _run(original, passes, checker, on_pass)
+        model, runs = _run(original, passes, checker, on_pass, careful=True)
         verification = checker(model)
     return model, runs, verification
 
 
-def _run(model, passes, checker, on_pass) -> tuple[ir.Model, list[PassRun]]:
+class _Crashed(Exception):
+    """A pass raised with no snapshot to go back to (the fast path takes none)."""
+
+
+def _run(model, passes, checker, on_pass, *, careful: bool) -> tuple[ir.Model, list[PassRun]]:
+    """Apply the passes in order. `careful`: snapshot before each pass, so a crash (or, with a
+    checker, a failed check of an exact pass) reverts that pass alone."""
     runs = []
     for pass_ in passes:
         name = getattr(pass_, "name", type(pass_).__name__)
         if on_pass:
             on_pass(name)
-        snapshot = model.clone() if checker is not None else None
+        snapshot = model.clone() if careful else None
         run = PassRun(name)
         start = time.perf_counter()
         try:
@@ -96,7 +107,7 @@ def _run(model, passes, checker, on_pass) -> tuple[ir.Model, list[PassRun]]:
             logger.debug("pass %s crashed", name, exc_info=True)
             run.seconds = time.perf_counter() - start
             if snapshot is None:
-                raise
+                raise _Crashed(name) from error
             run.reverted, run.reason = True, f"crashed: {root}"
             runs.append(run)
             model = snapshot

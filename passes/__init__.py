@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from onnxopt.passes._report import PassReport
 from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
+from onnxopt.passes.equalize import EqualizeCrossLayerPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
+from onnxopt.passes.transfer import TransferPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
+__all__ += ["TransferPass"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
-            "QuantizeDynamicOptions"]
+            "QuantizeDynamicOptions", "EqualizeCrossLayerPass"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
     FoldBatchNormPass.name: FoldBatchNormPass,
+    EqualizeCrossLayerPass.name: EqualizeCrossLayerPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,
+    TransferPass.name: TransferPass,  # only with optimize --transfer-from: changes the function
 }
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.

@@ -14,6 +14,7 @@ from the float32 scale that is stored, so the graph dequantizes exactly what was
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tempfile
@@ -26,7 +27,9 @@ from onnxopt.passes._graph import NameSource, constant, new_initializer
 
 __all__ = [
     "BIAS_LIMIT",
+    "CLIP_METHODS",
     "INT32_MAX",
+    "WeightOptions",
     "activation_qparams",
     "add_dequantized",
     "bias_index",
@@ -38,7 +41,9 @@ __all__ = [
     "quantize_bias",
     "quantize_weight",
     "quantize_weights",
+    "symmetric_qparams",
     "weight_axis",
+    "weight_rounding_error",
     "weight_scale",
 ]
 
@@ -48,15 +53,39 @@ INT32_MAX = 2**31 - 1
 BIAS_LIMIT = 2**30
 
 
-def weight_scale(w: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndarray:
-    """s_c = max|W_c| / q_max in float64 (a scalar array when axis is None)."""
+CLIP_METHODS = ("max", "mse", "percentile")
+_CLIP_PERCENTILE = 99.99
+_CLIP_STEPS = 40  # candidate clipping ranges between 0.5 and 1.0 of the channel's max
+
+
+def weight_scale(w: np.ndarray, axis: int | None, reduce_range: bool,
+                 clip: str = "max") -> np.ndarray:
+    """s_c = r_c / q_max in float64 (a scalar array when axis is None), where r_c is the
+    channel's max |W| (`clip` max), the range minimising the channel's squared quantization
+    error (mse), or its 99.99th percentile of |W| (percentile). Clipping a few outlier weights
+    buys finer steps for all the others."""
     q_max = 63.0 if reduce_range else 127.0
     w = np.abs(w.astype(np.float64))
-    if axis is None:
-        peak = np.asarray(w.max() if w.size else 0.0)
-    else:
-        peak = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    peak = rows.max(axis=1) if rows.size else np.zeros(len(rows))
+    if clip == "percentile" and rows.size:
+        peak = np.percentile(rows, _CLIP_PERCENTILE, axis=1)
+    elif clip == "mse" and rows.size:
+        peak = _mse_ranges(rows, peak, q_max)
+    peak = peak.reshape(()) if axis is None else peak
     return np.where(peak > 0, peak / q_max, 1.0)  # an all-zero channel quantizes to 0 anyway
+
+
+def _mse_ranges(rows: np.ndarray, peak: np.ndarray, q_max: float) -> np.ndarray:
+    """Per row of |W|, the clipping range among 0.5..1.0 x max with the least squared error."""
+    best, best_error = peak.copy(), np.full(len(rows), np.inf)
+    for fraction in np.linspace(1.0, 0.5, _CLIP_STEPS):
+        r = np.where(peak > 0, peak * fraction, 1.0)[:, None]
+        step = r / q_max
+        error = np.sum((np.minimum(np.round(rows / step), q_max) * step - rows) ** 2, axis=1)
+        better = error < best_error
+        best[better], best_error[better] = r[better, 0], error[better]
+    return best
 
 
 def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None,
@@ -76,6 +105,12 @@ def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
     zero_point = np.clip(np.round(-lo / np.float64(scale)), 0, 255)
     return scale, np.uint8(zero_point)
+
+
+def symmetric_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
+    """int8 with zero point 0, s = max(|lo|, |hi|) / 127: what TensorRT's int8 kernels take."""
+    peak = max(abs(float(lo)), abs(float(hi)))
+    return (np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)), np.int8(0)
 
 
 def quantize_bias(b: np.ndarray, input_scale: np.float32,
@@ -104,16 +139,16 @@ def add_dequantized(graph: ir.Graph, names: NameSource, base: str, q: np.ndarray
 
 
 def insert_qdq(graph: ir.Graph, names: NameSource, value: ir.Value, scale: np.float32,
-               zero_point: np.uint8) -> None:
+               zero_point: np.uint8 | np.int8) -> None:
     """QuantizeLinear → DequantizeLinear after `value`; every consumer reads the DQ output.
     A graph output keeps the float value itself (its name is the model's interface)."""
     base = value.name or "activation"
     uses = list(value.uses())  # before the QuantizeLinear below becomes one of them
     s = new_initializer(graph, names, f"{base}_scale", np.asarray(scale, dtype=np.float32))
-    zp = new_initializer(graph, names, f"{base}_zero_point", np.asarray(zero_point, dtype=np.uint8))
+    zp = new_initializer(graph, names, f"{base}_zero_point", np.asarray(zero_point))
     q = ir.node("QuantizeLinear", [value, s, zp], name=names(f"{base}_QuantizeLinear"))
     q.outputs[0].name = names(f"{base}_quantized")
-    q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+    q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(np.asarray(zero_point).dtype))
     dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp],
                  name=names(f"{base}_DequantizeLinear"))
     dq.outputs[0].name = names(f"{base}_dequantized")
@@ -158,15 +193,24 @@ def is_zero_floor_activation(node: ir.Node) -> bool:
     return low is not None and low.size == 1 and float(low.item()) == 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightOptions:
+    per_channel: bool = True
+    reduce_range: bool = False
+    clip: str = "max"  # see weight_scale
+    int32_bias: bool = True  # False: the bias stays float (TensorRT fuses a float bias)
+
+
 def quantize_weights(graph: ir.Graph, names: NameSource, node: ir.Node, input_scale: np.float32,
-                     cache: dict, per_channel: bool, reduce_range: bool) -> str:
+                     cache: dict, options: WeightOptions) -> str:
     """Conv/Gemm/MatMul: weight -> int8 + DequantizeLinear, bias -> int32 + DequantizeLinear
     (both inserted before `node`); returns what was done, for the log. `cache` holds weights
     already quantized, so one shared by several ops is stored once."""
     w = constant(node.inputs[1])
-    axis = weight_axis(node) if per_channel else None
-    scale = weight_scale(w, axis, reduce_range)
-    b_index = bias_index(node)
+    axis = weight_axis(node) if options.per_channel else None
+    reduce_range = options.reduce_range
+    scale = weight_scale(w, axis, reduce_range, options.clip)
+    b_index = bias_index(node) if options.int32_bias else None
     if b_index is not None:  # keep |b / (s_in s_c)| within BIAS_LIMIT
         b = np.abs(constant(node.inputs[b_index]).astype(np.float64))
         scale = np.maximum(scale, (b if axis is not None else b.max()) /
@@ -180,6 +224,8 @@ def quantize_weights(graph: ir.Graph, names: NameSource, node: ir.Node, input_sc
     dq_value, scale32 = cache[key]
     node.replace_input_with(1, dq_value)
     kind = f"per-channel int8 (axis {axis})" if axis is not None else "per-tensor int8"
+    if options.clip != "max":
+        kind += f", {options.clip}-clipped"
     if b_index is None:
         return f"weight {kind}"
     bias = node.inputs[b_index]
@@ -188,6 +234,19 @@ def quantize_weights(graph: ir.Graph, names: NameSource, node: ir.Node, input_sc
     graph.insert_before(node, dq_b)
     node.replace_input_with(b_index, dq_b.outputs[0])
     return f"weight {kind}, bias int32"
+
+
+def weight_rounding_error(node: ir.Node, options: WeightOptions) -> np.ndarray:
+    """dequantize(quantize(W)) - W in float64, W being `node`'s constant weight, as
+    quantize_weights rounds it (before any raise of the scale for a large bias)."""
+    w = constant(node.inputs[1])
+    axis = weight_axis(node) if options.per_channel else None
+    scale = weight_scale(w, axis, options.reduce_range, options.clip)
+    q, scale32 = quantize_weight(w, scale, axis, options.reduce_range)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return q.astype(np.float64) * scale32.astype(np.float64).reshape(shape) - w.astype(np.float64)
 
 
 def weight_axis(node: ir.Node) -> int:

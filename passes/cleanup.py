@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnx_ir.passes import common
 from onnxopt.passes._graph import all_graphs, constant, describe, opset_version
 from onnxopt.passes._report import PassReport
 
-__all__ = ["CleanupPass", "CleanupOptions"]
+__all__ = ["CleanupOptions", "CleanupPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class CleanupPass(ir.passes.InPlacePass):
                  common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1))
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
         _counted(report, model, "removed", common.RemoveUnusedFunctionsPass())
+        _make_contiguous(model)
         _counted(report, model, "merged",
                  common.DeduplicateHashedInitializersPass(self.options.deduplicate_limit))
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
@@ -88,6 +90,17 @@ class CleanupPass(ir.passes.InPlacePass):
             _strip_node_metadata(model, report)
         common.TopologicalSortPass()(model)  # order only; not a change worth reporting
         return report
+
+
+def _make_contiguous(model: ir.Model) -> None:
+    """Folding a Transpose of a weight (dynamo's Linear) leaves a transposed numpy view; the
+    deduplication hash, like the serializer, needs C-ordered data."""
+    for graph in all_graphs(model):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray) \
+                    and not tensor.raw.flags.c_contiguous:
+                value.const_value = ir.tensor(np.ascontiguousarray(tensor.raw), name=value.name)
 
 
 def _counted(report: PassReport, model: ir.Model, verb: str, step: ir.passes.PassBase) -> None:

@@ -43,6 +43,7 @@ _MS_DOMAIN = "com.microsoft"
 class QuantizeDynamicOptions:
     per_channel: bool = True  # one scale per output column: per-tensor loses outlier columns
     reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI (VPMADDUBSW saturation)
+    clip_weights: str = "max"  # per-column range: max, mse or percentile (_qdq.weight_scale)
     exclude: tuple[str, ...] = ()  # node names to keep float (the accuracy budget's fallback list)
     min_weight_elements: int = 4096  # tiny MatMuls cost more in (de)quantization than they save
 
@@ -121,7 +122,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         axis = 1 if self.options.per_channel else None
         key = (b_value, node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
         if key not in cache:  # a weight shared by several ops is stored once
-            scale = _qdq.weight_scale(site.weight, axis, self.options.reduce_range)
+            scale = _qdq.weight_scale(site.weight, axis, self.options.reduce_range,
+                                      self.options.clip_weights)
             q, scale32 = _qdq.quantize_weight(site.weight, scale, axis, self.options.reduce_range)
             base = b_value.name or "weight"
             cache[key] = [new_initializer(graph, names, f"{base}_quantized", q),

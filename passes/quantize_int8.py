@@ -1,9 +1,11 @@
-"""quantize-int8: static QDQ int8 that ONNX Runtime's CPU provider fuses into integer kernels.
+"""quantize-int8: static QDQ int8 that ONNX Runtime's CPU provider fuses into integer kernels
+(target ort-cpu, below), or the placement TensorRT expects (target tensorrt, `_plan_tensorrt`).
 
 Per quantized op (formulas in `_qdq`):
   * Conv / Gemm / MatMul with a constant weight: W → int8 initializer + DequantizeLinear,
     symmetric per output channel (Conv axis 0; Gemm transB=1 axis 0, transB=0 axis 1; MatMul
-    [K, N] axis 1), s_c = max|W_c| / 127 (63 with reduce_range); bias (Conv B, Gemm C of
+    [K, N] axis 1), s_c = max|W_c| / 127 (63 with reduce_range; `clip_weights` mse/percentile
+    picks a smaller range per channel); bias (Conv B, Gemm C of
     shape [N]) → int32 with s_b[c] = s_input · s_c, raised s_c where |b| / s_b would overflow.
   * every activation input and the output: one QuantizeLinear → DequantizeLinear pair (uint8,
     s = (max - min) / 255 over the calibrated range widened to include 0), shared by all
@@ -65,6 +67,11 @@ class QuantizeInt8Options:
     per_channel: bool = True  # per-tensor int8 loses ~10x SQNR on BN-folded convs
     reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI (VPMADDUBSW saturation)
     exclude: tuple[str, ...] = ()  # node names to keep float (the accuracy budget's fallback list)
+    clip_weights: str = "max"  # per-channel weight range: max, mse or percentile (_qdq.weight_scale)
+    # ort-cpu: the QDQ patterns ORT's CPU provider fuses (above). tensorrt: QDQ only at the
+    # inputs of Conv/Gemm/MatMul and on a residual Add's other input, symmetric int8
+    # activations, float bias: the placement TensorRT's explicit-quantization fusions expect.
+    target: str = "ort-cpu"
 
 
 @dataclasses.dataclass
@@ -92,29 +99,36 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             report.refuse(f"kept the model float: opset {opset_version(graph)} < 13 has no "
                           "per-channel DequantizeLinear; upgrade the opset first")
             return report
-        sites, refusals = _plan(graph, _qdq.infer_dtypes(model), lambda v: v.name in ranges,
-                                set(self.options.exclude))
+        tensorrt = self.options.target == "tensorrt"
+        plan = _plan_tensorrt if tensorrt else _plan
+        sites, refusals = plan(graph, _qdq.infer_dtypes(model), lambda v: v.name in ranges,
+                               set(self.options.exclude))
         for line in refusals:
             report.refuse(line)
-        params: dict[ir.Value, tuple[np.float32, np.uint8]] = {}
+        qparams = _qdq.symmetric_qparams if tensorrt else _qdq.activation_qparams
+        params: dict[ir.Value, tuple] = {}
         for site in sites:  # topological order: a shared-scale input is set before its output
             for value in site.inputs:
                 if value not in params:
-                    params[value] = _qdq.activation_qparams(*ranges[value.name])
+                    params[value] = qparams(*ranges[value.name])
             if site.output is not None and site.node.op_type in _SHARED_SCALE:
                 params[site.output] = params[site.inputs[0]]
             elif site.output is not None and site.output not in params:
-                params[site.output] = _qdq.activation_qparams(*ranges[site.output.name])
+                params[site.output] = qparams(*ranges[site.output.name])
         names, weights = NameSource(graph), {}
+        weight_options = _qdq.WeightOptions(self.options.per_channel, self.options.reduce_range,
+                                            self.options.clip_weights, int32_bias=not tensorrt)
+        activation = "int8 symmetric" if tensorrt else "uint8"
         for site in sites:
             detail = ""
-            if site.node.op_type in _LINEAR:
+            if site.node.op_type in _LINEAR and constant(site.node.inputs[1]) is not None:
                 input_scale = params[site.node.inputs[0]][0]
                 detail = _qdq.quantize_weights(graph, names, site.node, input_scale, weights,
-                                               self.options.per_channel,
-                                               self.options.reduce_range) + ", "
-            what = "input/output" if site.output is not None else "input (output stays float)"
-            report.change("quantized", f"quantized {describe(site.node)}: {detail}{what} uint8")
+                                               weight_options) + ", "
+            what = ("input/output" if site.output is not None else
+                    "inputs" if tensorrt else "input (output stays float)")
+            report.change("quantized",
+                          f"quantized {describe(site.node)}: {detail}{what} {activation}")
         for value, (scale, zero_point) in params.items():
             _qdq.insert_qdq(graph, names, value, scale, zero_point)
         if report.modified:
@@ -149,17 +163,14 @@ def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
         return None  # MaxPool with Indices has no uint8 kernel
     if node.name in exclude:
         return "excluded (kept float on request)"
-    for value in inputs:
-        dtype = dtypes.get(value.name)
-        if dtype is not None and dtype != ir.DataType.FLOAT:
-            return f"input {value.name!r} is {dtype.name}, not FLOAT"
-    if node.op_type in _LINEAR:
-        why = _check_linear(node)
-        if why:
-            return why
-    for value in inputs:
-        if not has_range(value):
-            return f"input {value.name!r} has no calibrated range"
+    dtype_refusal = _refusal(node, inputs, dtypes, lambda v: True, exclude)
+    if dtype_refusal:
+        return dtype_refusal
+    if node.op_type in _LINEAR and (why := _check_linear(node)):
+        return why
+    why = _refusal(node, inputs, dtypes, has_range, exclude)
+    if why:
+        return why
     output = _output_tensor(node, exclude)
     if output is not None and node.op_type not in _SHARED_SCALE and not has_range(output):
         if node.op_type not in _LINEAR:
@@ -168,6 +179,72 @@ def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
     if output is None and node.op_type not in _LINEAR:
         return "its output is only a graph output; a lone uint8 input gains nothing"
     return _Site(node, inputs, output)
+
+
+def _plan_tensorrt(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_Site], list[str]]:
+    """TensorRT: a Q/DQ pair on the data inputs of Conv/Gemm/MatMul (a MatMul of two
+    activations gets both), none on outputs: TensorRT fuses Conv+bias+Relu behind one input
+    pair and propagates scales itself. A residual Add joining a Conv(+activation) branch gets a
+    pair on its other (skip) input only, so TensorRT can fuse the Add into that Conv."""
+    sites, refusals = [], []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in (*_LINEAR, "Add"):
+            continue
+        if any(v is not None and v.producer() is not None
+               and v.producer().op_type == "DequantizeLinear" for v in node.inputs):
+            continue  # already quantized
+        activations = [v for v in node.inputs[:2]
+                       if v is not None and constant(v) is None and not v.is_initializer()]
+        if node.op_type == "Add":
+            if len(activations) != 2:
+                continue  # an Add of a constant is a bias: TensorRT fuses it as float
+            fused = [_fusable_branch(v) for v in activations]
+            if not any(_from_linear(v) for v in activations):
+                continue  # not a residual join of a Conv/Gemm/MatMul branch
+            activations = [v for v, f in zip(activations, fused) if not f] or activations[1:]
+        elif node.op_type == "MatMul" and len(activations) == 2:
+            pass  # activation x activation (attention): both inputs get a pair
+        else:
+            why = _check_linear(node)
+            if why:
+                refusals.append(f"kept {describe(node)}: {why}")
+                continue
+            activations = activations[:1]
+        why = _refusal(node, activations, dtypes, has_range, exclude)
+        if why:
+            refusals.append(f"kept {describe(node)}: {why}")
+        else:
+            sites.append(_Site(node, activations, None))
+    return sites, refusals
+
+
+_POINTWISE_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+                          "Tanh", "Elu", "Selu", "Softplus")
+
+
+def _from_linear(value: ir.Value) -> bool:
+    """`value` is a Conv/Gemm/MatMul output, maybe through one pointwise activation."""
+    producer = value.producer()
+    if producer is not None and producer.op_type in _POINTWISE_ACTIVATIONS:
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    return producer is not None and producer.op_type in _LINEAR
+
+
+def _fusable_branch(value: ir.Value) -> bool:
+    """A Conv(+activation) output read only by this Add: TensorRT fuses the Add into it."""
+    return _from_linear(value) and len(value.uses()) == 1
+
+
+def _refusal(node: ir.Node, inputs, dtypes, has_range, exclude) -> str | None:
+    if node.name in exclude:
+        return "excluded (kept float on request)"
+    for value in inputs:
+        dtype = dtypes.get(value.name)
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            return f"input {value.name!r} is {dtype.name}, not FLOAT"
+        if not has_range(value):
+            return f"input {value.name!r} has no calibrated range"
+    return None
 
 
 def _check_linear(node: ir.Node) -> str | None:
@@ -198,12 +275,13 @@ def _output_tensor(node: ir.Node, exclude) -> ir.Value | None:
     return output if output.uses() else None
 
 
-def quantizable_tensors(model: ir.Model) -> list[str]:
+def quantizable_tensors(model: ir.Model, target: str = "ort-cpu") -> list[str]:
     """Names of the activation tensors whose ranges the pass would use (inputs and outputs of
     the ops it quantizes), so the caller calibrates exactly those."""
     if opset_version(model.graph) < QuantizeInt8Pass.min_opset:
         return []
-    sites, _ = _plan(model.graph, _qdq.infer_dtypes(model), lambda v: True, set())
+    plan = _plan_tensorrt if target == "tensorrt" else _plan
+    sites, _ = plan(model.graph, _qdq.infer_dtypes(model), lambda v: True, set())
     shared = {s.output for s in sites if s.node.op_type in _SHARED_SCALE}  # reuse their input's
     values = [v for site in sites for v in [*site.inputs, site.output] if v is not None]
     return list(dict.fromkeys(v.name for v in values if v not in shared))

@@ -408,24 +408,33 @@ def crashing_pass(monkeypatch):
     monkeypatch.setattr(FoldBatchNormPass, "call", boom)
 
 
-def test_crashing_pass_is_reverted_when_verifying(cli_run, model_path, monkeypatch):
+@pytest.mark.parametrize("flag", ["--verify-each", None, "--no-verify"])
+def test_crashing_pass_is_reverted(cli_run, model_path, monkeypatch, flag):
+    """With a check per pass, one at the end, or none: the crash costs only that pass."""
     crashing_pass(monkeypatch)
-    code, _, err, report, out = optimize(cli_run, model_path, "--verify-each")
+    code, _, err, report, out = optimize(cli_run, model_path, *([flag] if flag else []))
     assert code == 0, err
     fold = {p["name"]: p for p in report["passes"]}["fold-batchnorm"]
     assert fold["reverted"] and "boom in the pass" in fold["reason"]
     assert op_count(out, "BatchNormalization") == 1
-    assert report["verification"]["status"] == "passed"
+    if flag == "--no-verify":
+        assert report["verification"] is None
+    else:
+        assert report["verification"]["status"] == "passed"
 
 
-def test_crashing_pass_without_verification_is_an_internal_error(cli_run, model_path,
-                                                                  monkeypatch, tmp_path):
-    crashing_pass(monkeypatch)
-    code, _, err, report, out = optimize(cli_run, model_path, "--no-verify")
+def test_internal_error_is_one_line(cli_run, model_path, monkeypatch, tmp_path):
+    from onnxopt import api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom in save")
+
+    monkeypatch.setattr(api.io, "save", boom)
+    code, _, err, report, out = optimize(cli_run, model_path)
     assert code == 3
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
-    assert "internal error" in lines[0] and "boom in the pass" in lines[0]
+    assert "internal error" in lines[0] and "boom in save" in lines[0]
     assert "--debug" in lines[0]
     assert out is None and report == {}
     assert not any(p.name.startswith(".onnxopt-") for p in tmp_path.iterdir())

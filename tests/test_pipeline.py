@@ -31,10 +31,13 @@ class BreakWeightsPass(ir.passes.InPlacePass):
 
 
 class CrashPass(ir.passes.InPlacePass):
+    """Damages the graph in place, then dies: only a snapshot from before it can undo that."""
+
     name = "crash"
     lossy = False
 
     def call(self, model):
+        model.graph.remove(next(iter(model.graph)), safe=False)
         raise RuntimeError("boom")
 
 
@@ -65,13 +68,19 @@ def test_broken_exact_pass_is_reverted_and_the_rest_kept(verify_each):
     assert verify.verify(result, checker.reference, checker.feeds).passed
 
 
-def test_crashing_pass_is_reverted_with_its_root_cause():
+@pytest.mark.parametrize("verify_each,check", [(True, True), (False, True), (False, False)])
+def test_crashing_pass_is_reverted_with_its_root_cause(verify_each, check):
+    """Also on the fast path (one check at the end) and with no checker at all: the run starts
+    again from the untouched model with a snapshot per pass."""
     model = conv_bn_model()
+    checker = checker_for(model) if check else None
     result, runs, verification = pipeline.run_pipeline(
-        model, [CrashPass(), FoldBatchNormPass()], checker=checker_for(model), verify_each=True)
-    assert runs[0].reverted and "RuntimeError: boom" in runs[0].reason
-    assert op_count(result, "BatchNormalization") == 0
-    assert verification.passed
+        model, [FoldBatchNormPass(), CrashPass(), CleanupPass()], checker=checker,
+        verify_each=verify_each)
+    assert [r.name for r in runs] == ["fold-batchnorm", "crash", "cleanup"]
+    assert runs[1].reverted and "RuntimeError: boom" in runs[1].reason
+    assert op_count(result, "BatchNormalization") == 0 and op_count(result, "Conv") == 1
+    assert verification is None if not check else verification.passed
 
 
 def test_without_a_checker_passes_just_run():

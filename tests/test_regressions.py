@@ -143,3 +143,17 @@ def test_map_typed_model_other_commands(tmp_path, capsys, monkeypatch, command):
     onnx.save(proto, str(tmp_path / "z.onnx"))
     code, _, err = invoke_cli([command, tmp_path / "z.onnx"], capsys, monkeypatch)
     assert code == 2 and "map type" in err
+
+
+def test_folded_weight_transpose_is_stored_c_ordered(tmp_path, capsys, monkeypatch):
+    """dynamo writes Linear as MatMul(x, Transpose(W)); folding leaves a transposed numpy view,
+    which crashed onnx-ir's initializer deduplication ("ndarray is not C-contiguous")."""
+    rng = np.random.default_rng(0)
+    proto = model([h.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+                   h.make_node("MatMul", ["x", "Wt"], ["y"])],
+                  [vi("x", T.FLOAT, [2, 6])], [vi("y", T.FLOAT, [2, 4])],
+                  [init("W", rng.standard_normal((4, 6)).astype(np.float32))])
+    code, err, data, out = optimize(tmp_path, proto, capsys, monkeypatch)
+    assert code == 0, err
+    assert data["verification"]["status"] == "passed"
+    assert op_count(onnx.load(str(out)), "Transpose") == 0

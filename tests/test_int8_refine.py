@@ -1,0 +1,322 @@
+"""int8 beyond min-max: targets (tensorrt, ort-cuda), weight clipping, bias correction,
+cross-layer equalization."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import invoke_cli, make_model, op_count, run, tensor, to_bytes, to_ir, value_info
+from onnx import helper
+from onnxopt.passes import EqualizeCrossLayerPass, _qdq
+from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass, quantizable_tensors
+from test_quantize_int8 import cosine, small_cnn
+
+from onnxopt import api, bias_correction, int8
+from onnxopt.calibrate import collect_stats
+
+DEFAULT = str(api.default_model_path())
+
+
+def producer_op(value: ir.Value) -> str | None:
+    return value.producer().op_type if value.producer() is not None else None
+
+
+# ---------------------------------------------------------------- --target tensorrt
+
+
+def test_tensorrt_placement_quantizes_only_linear_inputs_and_residual_adds_symmetric():
+    model, batches = small_cnn(4)
+    original = model.clone()
+    # tensorrt asks for fewer tensors: only the inputs it quantizes
+    wanted = quantizable_tensors(model, "tensorrt")
+    assert set(wanted) == {"x", "r1", "flat"}  # conv1, conv2 inputs; add's residual r1; fc input
+    ranges = {name: s.range_minmax() for name, s in collect_stats(model, batches[:4],
+                                                                  wanted).items()}
+    report = QuantizeInt8Pass(QuantizeInt8Options(ranges=ranges, target="tensorrt"))(model)
+    assert report.counts["quantized"] == 4  # conv1, conv2, add (residual input), fc
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    nodes = {n.name: n for n in model.graph}
+    for name in ("conv1", "conv2", "fc"):
+        node = nodes[name]
+        assert producer_op(node.inputs[0]) == "DequantizeLinear"  # data input
+        assert producer_op(node.inputs[1]) == "DequantizeLinear"  # int8 weight
+        assert producer_op(node.inputs[2]) is None  # bias stays float for TensorRT
+        assert not any(c.op_type == "QuantizeLinear" for c in node.outputs[0].consumers())
+    add = nodes["add"]
+    # r1 (the skip branch, produced by a Relu) is quantized; r2 (conv2's branch) is not
+    assert producer_op(add.inputs[0]) == "DequantizeLinear"
+    assert producer_op(add.inputs[1]) == "Relu"
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            zero_point = node.inputs[2].const_value.numpy()
+            assert zero_point.dtype == np.int8 and zero_point == 0  # symmetric int8
+    for batch in batches[4:]:
+        [want] = run(original, batch)
+        [got] = run(model, batch)
+        assert cosine(got, want) >= 0.99
+
+
+def test_tensorrt_quantizes_both_inputs_of_an_activation_matmul():
+    rng = np.random.default_rng(2)
+    proto = make_model(
+        [helper.make_node("MatMul", ["q", "wq"], ["qp"], name="proj"),
+         helper.make_node("MatMul", ["qp", "k"], ["scores"], name="attention")],
+        [value_info("q", ["N", 4, 8]), value_info("k", ["N", 8, 4])],
+        [value_info("scores", ["N", 4, 4])], [tensor("wq", rng.standard_normal((8, 8)))])
+    model = to_ir(proto)
+    batches = [{"q": rng.standard_normal((2, 4, 8)).astype(np.float32),
+                "k": rng.standard_normal((2, 8, 4)).astype(np.float32)} for _ in range(3)]
+    wanted = quantizable_tensors(model, "tensorrt")
+    ranges = {name: s.range_minmax() for name, s in collect_stats(model, batches, wanted).items()}
+    QuantizeInt8Pass(QuantizeInt8Options(ranges=ranges, target="tensorrt"))(model)
+    attention = next(n for n in model.graph if n.name == "attention")
+    assert [producer_op(v) for v in attention.inputs] == ["DequantizeLinear"] * 2
+    [want] = run(to_ir(proto), batches[0])
+    [got] = run(model, batches[0])
+    assert cosine(got, want) >= 0.99
+
+
+def test_cli_target_tensorrt_writes_a_qdq_model(tmp_path, capsys, monkeypatch):
+    with np.load(api.default_samples_path()) as data:
+        np.savez(tmp_path / "calib.npz", image=data["image"][:48].reshape(6, 8, 1, 64, 64))
+    out = tmp_path / "trt.onnx"
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--calib",
+                                    tmp_path / "calib.npz", "--target", "tensorrt", "--bench",
+                                    "none", "-q", "--report", tmp_path / "r.json"],
+                                   capsys, monkeypatch)
+    assert code == 0, err
+    assert "--target tensorrt" in stdout and "latency not measured" in stdout
+    model = onnx.load(str(out))
+    assert op_count(model, "QuantizeLinear") > 0
+    zero_points = {init.name: init for init in model.graph.initializer}
+    q_dtypes = {zero_points[n.input[2]].data_type for n in model.graph.node
+                if n.op_type == "QuantizeLinear"}
+    assert q_dtypes == {onnx.TensorProto.INT8}
+    assert json.loads((tmp_path / "r.json").read_text())["int8"]["quantized"] is True
+
+
+def test_target_ort_cuda_keeps_float_and_says_why(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cuda.onnx"
+    code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--target",
+                                    "ort-cuda", "--bench", "none", "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "CUDA provider runs none of the 17 Conv/Gemm/MatMul layers in int8" in stdout
+    assert "fp16" in stdout
+    assert op_count(onnx.load(str(out)), "QuantizeLinear") == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--target", "npu"), ("--clip-weights", "max2")])
+def test_unknown_choice_is_one_line(tmp_path, capsys, monkeypatch, flag, value):
+    out = tmp_path / "x.onnx"
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", flag, value,
+                                    "--bench", "none", "-q"], capsys, monkeypatch)
+    assert code == 2 and f"{flag} {value!r}: choose from" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---------------------------------------------------------------- --clip-weights
+
+
+def test_mse_clipping_lowers_the_weight_error_of_heavy_tailed_channels():
+    """Laplace-distributed weights (heavy tails, like trained ones): clipping the few largest
+    buys finer steps for the many small ones."""
+    w = np.random.default_rng(0).laplace(size=(4, 4096))
+    errors = {}
+    for clip in ("max", "mse", "percentile"):
+        scale = _qdq.weight_scale(w, 0, True, clip)
+        q, scale32 = _qdq.quantize_weight(w, scale, 0, True)
+        errors[clip] = ((q * scale32[:, None].astype(np.float64) - w) ** 2).sum(axis=1)
+    assert np.all(errors["mse"] <= errors["max"] * (1 + 1e-9))  # max is one of the candidates
+    assert errors["mse"].sum() < 0.95 * errors["max"].sum()
+    assert errors["percentile"].sum() < errors["max"].sum()
+    outlier = w.copy()
+    outlier[0, 0] = 1000.0  # one huge weight: clipping it costs more than it buys, max stays
+    scale = _qdq.weight_scale(outlier, 0, True, "mse")
+    assert scale[0] * 63 == pytest.approx(1000.0)
+
+
+def test_clip_weights_end_to_end_is_logged(tmp_path, capsys, monkeypatch):
+    with np.load(api.default_samples_path()) as data:
+        np.savez(tmp_path / "calib.npz", image=data["image"][:48].reshape(6, 8, 1, 64, 64))
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
+                                    "--calib", tmp_path / "calib.npz", "--clip-weights", "mse",
+                                    "--bench", "none", "--allow-slower", "-q", "--report",
+                                    tmp_path / "r.json"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    log = next(p for p in report["passes"] if p["name"] == "quantize-int8")["log"]
+    assert any("mse-clipped" in line for line in log)
+    assert report["verification"]["outputs"][0]["cosine"] >= 0.99
+
+
+# ---------------------------------------------------------------- bias correction
+
+
+def conv_model(seed: int, *, bias: bool):
+    """x (mean far from 0) -> grouped 1x1 Conv -> y: every output reads every input position
+    once, so ΔW · E[x] is the exact mean shift (larger kernels see shifted windows)."""
+    rng = np.random.default_rng(seed)
+    inits = [tensor("W", rng.standard_normal((6, 2, 1, 1)) * rng.uniform(0.1, 2, (6, 1, 1, 1)))]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(tensor("B", rng.standard_normal(6)))
+        inputs.append("B")
+    proto = make_model([helper.make_node("Conv", inputs, ["y"], name="conv", group=2)],
+                       [value_info("x", ["N", 4, 9, 9])], [value_info("y", ["N", 6, 9, 9])],
+                       inits)
+    batches = [{"x": (rng.standard_normal((4, 4, 9, 9)) + 3.0).astype(np.float32)}
+               for _ in range(3)]
+    return to_ir(proto), batches
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_shift_equals_the_measured_mean_shift(bias):
+    model, batches = conv_model(1, bias=bias)
+    weights = _qdq.WeightOptions(reduce_range=True)
+    shifts = bias_correction.output_shifts(model, ["conv"], batches, weights)
+    # direct: the same Conv with the rounded weight, minus the float one, averaged per channel
+    rounded = model.clone()
+    w = rounded.graph.initializers["W"]
+    error = _qdq.weight_rounding_error(next(iter(model.graph)), weights)
+    w.const_value = ir.tensor((w.const_value.numpy() + error).astype(np.float32))
+    got = np.concatenate([run(rounded, b)[0] - run(model, b)[0] for b in batches])
+    np.testing.assert_allclose(shifts["conv"], got.mean(axis=(0, 2, 3)), rtol=1e-3, atol=1e-5)
+    corrected, count = bias_correction.corrected(model, shifts)
+    assert count == 1
+    conv = next(iter(corrected.graph))
+    assert len(conv.inputs) == 3  # a Conv without bias gets one
+    before = np.concatenate([run(rounded, b)[0] - run(model, b)[0] for b in batches])
+    rounded_corrected = corrected.clone()
+    rounded_corrected.graph.initializers["W"].const_value = w.const_value
+    after = np.concatenate([run(rounded_corrected, b)[0] - run(model, b)[0] for b in batches])
+    assert np.abs(after.mean(axis=(0, 2, 3))).max() < 0.05 * np.abs(
+        before.mean(axis=(0, 2, 3))).max()
+
+
+def test_bias_correction_of_a_matmul_goes_into_its_add():
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal(8).astype(np.float32)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+         helper.make_node("Add", ["h", "b"], ["y"], name="bias")],
+        [value_info("x", ["N", 16])], [value_info("y", ["N", 8])],
+        [tensor("W", rng.standard_normal((16, 8))), tensor("b", b)])
+    model = to_ir(proto)
+    batches = [{"x": (rng.standard_normal((8, 16)) + 2).astype(np.float32)}]
+    shifts = bias_correction.output_shifts(model, ["fc"], batches, _qdq.WeightOptions())
+    corrected, count = bias_correction.corrected(model, shifts)
+    assert count == 1
+    add = next(n for n in corrected.graph if n.op_type == "Add")
+    np.testing.assert_allclose(add.inputs[1].const_value.numpy(), b - shifts["fc"], rtol=1e-5)
+    assert np.abs(shifts["fc"]).max() > 0
+
+
+def test_int8_reports_bias_correction_and_keeps_it_only_when_it_helps(tmp_path):
+    model, batches = small_cnn(5)
+    np.savez(tmp_path / "calib.npz", x=np.stack([b["x"] for b in batches]))
+    notes: list[str] = []
+    result = int8.quantize(model, int8.Int8Options(calib=str(tmp_path / "calib.npz"),
+                                                   check_speed=False), notes)
+    assert result.is_quantized
+    line = next(n for n in notes if n.startswith("bias correction"))
+    gain = float(line.split("SQNR ")[1].split(" dB")[0])
+    assert ("left out" in line) == (gain <= 0)
+    notes_off: list[str] = []
+    int8.quantize(model, int8.Int8Options(calib=str(tmp_path / "calib.npz"), check_speed=False,
+                                          bias_correction=False), notes_off)
+    assert not any("bias correction" in n for n in notes_off)
+
+
+# ---------------------------------------------------------------- cross-layer equalization
+
+
+def chain(seed: int, middle: str = "Relu"):
+    """Conv -> act -> depthwise Conv -> act -> pointwise Conv, channel ranges 1000x apart."""
+    rng = np.random.default_rng(seed)
+    spread = rng.uniform(0.01, 10, (8, 1, 1, 1))
+    inits = [tensor("w1", rng.standard_normal((8, 3, 3, 3)) * spread),
+             tensor("b1", rng.standard_normal(8)),
+             tensor("w2", rng.standard_normal((8, 1, 3, 3)) / spread),
+             tensor("b2", rng.standard_normal(8)),
+             tensor("w3", rng.standard_normal((4, 8, 1, 1)))]
+    extra = {"alpha": 0.1} if middle == "LeakyRelu" else {}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node(middle, ["c1"], ["r1"], **extra),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="dw", group=8,
+                              pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="pw")]
+    return make_model(nodes, [value_info("x", ["N", 3, 8, 8])], [value_info("y", ["N", 4, 8, 8])],
+                      inits)
+
+
+def channel_ranges(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.abs(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)).max(axis=1)
+
+
+@pytest.mark.parametrize("middle", ["Relu", "LeakyRelu"])
+def test_equalization_keeps_the_function_and_evens_out_channel_ranges(middle):
+    proto = chain(0, middle)
+    model = to_ir(proto)
+    report = EqualizeCrossLayerPass()(model)
+    assert report.counts["equalized"] == 2
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    x = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    [want], [got] = run(proto, x), run(model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    weights = {n.name: n.inputs[1].const_value.numpy() for n in model.graph if n.op_type == "Conv"}
+    before = channel_ranges(onnx.numpy_helper.to_array(proto.graph.initializer[0]), 0)
+    after = channel_ranges(weights["conv1"], 0)
+    assert before.max() / before.min() > 50
+    assert after.max() / after.min() < before.max() / before.min() / 5
+    assert len(model.graph.initializers) == 5  # the replaced float32 weights are gone
+
+
+def test_equalization_refuses_non_homogeneous_activations_and_shared_weights():
+    proto = chain(0, "Sigmoid")
+    model = to_ir(proto)
+    report = EqualizeCrossLayerPass()(model)
+    assert report.counts.get("equalized", 0) == 1  # only dw -> pw (Relu between them)
+    shared = chain(0)
+    shared.graph.node.append(helper.make_node("Conv", ["x", "w1"], ["extra"], name="extra"))
+    shared.graph.output.append(value_info("extra", ["N", 8, 6, 6]))
+    report = EqualizeCrossLayerPass()(to_ir(shared))
+    assert any("shared with another node" in line for line in report.log)
+
+
+def test_equalize_flag_runs_before_calibration(tmp_path):
+    proto = chain(2)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((6, 4, 3, 8, 8)).astype(np.float32))
+    notes: list[str] = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(
+        calib=str(tmp_path / "calib.npz"), check_speed=False, equalize=True,
+        budget=int8.Budget(None, None)), notes)
+    assert any("cross-layer equalization of 2 Conv -> Conv pairs" in n for n in notes)
+    assert result.is_quantized
+    assert op_count(ir.to_proto(result.model), "QuantizeLinear") > 0
+    assert to_bytes(result.model)
+
+
+# ---------------------------------------------------------------- budget fallback, spread error
+
+
+def test_spread_error_keeps_the_longest_prefix_that_holds():
+    """No single layer is to blame (each alone wins back nothing): the search falls back to
+    keeping the first k layers int8, the largest k whose outcome holds."""
+    names = [f"layer{i}" for i in range(10)]
+
+    class Stub:  # holds when at least the last 4 layers are float, whatever else
+        def run(self, exclude, *, batches=None):
+            holds = set(names[6:]) <= set(exclude)
+            return int8._Outcome(f"model-{len(exclude)}", None, None, holds, "" if holds else "x")
+
+    notes: list[str] = []
+    full = int8._Outcome("full", None, None, False, "y: cosine 0.9 < 0.99")
+    best = int8._longest_prefix(Stub(), full, names, notes)
+    assert best.holds and best.model == "model-4"
+    assert "the last 4 of 10 quantized layers, from 'layer6' on; the first 6 stay int8" in notes[0]
