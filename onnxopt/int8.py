@@ -313,15 +313,19 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
     trials = []
     for reduce_range in choices:
-        quantized = model.clone()
-        report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
-            reduce_range=reduce_range, clip_weights=options.clip_weights))(quantized)
-        checked, holds, why = options.budget.judge(quantized, reference, feeds)
-        worst = min((o.cosine for o in checked.outputs), default=-1.0)
-        trials.append((worst, reduce_range, quantized, report, checked, holds, why))
-        if not report.counts.get("quantized"):
+        trial = _DynamicTrial(model, reduce_range, options.clip_weights, feeds, reference,
+                              options.budget)
+        outcome = trial.run(())
+        worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
+        trials.append((worst, reduce_range, trial, outcome))
+        if not outcome.report.counts.get("quantized"):
             break
-    _, reduce_range, quantized, report, checked, holds, why = max(trials, key=lambda t: t[0])
+    _, reduce_range, trial, outcome = max(trials, key=lambda t: t[0])
+    if outcome.report.counts.get("quantized") and not outcome.holds:
+        progress("finding the MatMuls that break the budget")
+        outcome = _fall_back(trial, outcome, notes)
+    quantized, report, checked = outcome.model, outcome.report, outcome.verification
+    holds, why = outcome.holds, outcome.why
     if reduce_range:
         notes.append("dynamic int8 with 7-bit weights (reduce_range): measured closer to fp32 "
                      "on this CPU")
@@ -330,7 +334,6 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
         notes.append(f"pass --calib for static int8 of the {convs} Conv layers (dynamic int8 "
                      "covers MatMul/Gemm only: quantizing activations at run time does not pay "
                      "for convolutions on CPU)")
-    outcome = _Outcome(quantized, report, checked, holds, why)
     if not report.counts.get("quantized"):
         notes.append("int8 (dynamic): no MatMul/Gemm with a large constant weight; kept float")
         return _kept_float(model, outcome, 0, {}, why="nothing to quantize without --calib")
@@ -426,6 +429,29 @@ class _Trial:
         feeds, reference = self.feeds[:batches], self.reference[:batches]
         checked, holds, why = self.budget.judge(report.model, reference, feeds)
         return _Outcome(report.model, report, checked, holds, why)
+
+
+@dataclasses.dataclass
+class _DynamicTrial:
+    """Dynamic int8 of a copy of `base` with some MatMul/Gemm kept float, judged on `feeds`."""
+
+    base: ir.Model
+    reduce_range: bool
+    clip_weights: str
+    feeds: list
+    reference: list
+    budget: Budget
+
+    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
+        from onnxopt.passes import quantize_dynamic as dynamic
+
+        model = self.base.clone()
+        report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
+            reduce_range=self.reduce_range, clip_weights=self.clip_weights,
+            exclude=exclude))(model)
+        checked, holds, why = self.budget.judge(model, self.reference[:batches],
+                                                self.feeds[:batches])
+        return _Outcome(model, report, checked, holds, why)
 
 
 _QUANTIZED = re.compile(r"^quantized '(.+?)' \(")

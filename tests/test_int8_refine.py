@@ -320,3 +320,30 @@ def test_spread_error_keeps_the_longest_prefix_that_holds():
     best = int8._longest_prefix(Stub(), full, names, notes)
     assert best.holds and best.model == "model-4"
     assert "the last 4 of 10 quantized layers, from 'layer6' on; the first 6 stay int8" in notes[0]
+
+
+def test_dynamic_int8_keeps_the_sensitive_matmul_float_to_hold_the_budget(tmp_path):
+    """x has one huge channel that the first MatMul ignores (weight row 0): quantizing x per
+    call to uint8 wipes out the others, so that MatMul stays float; the second is int8."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64))
+    w1[0] = 0.0
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
+        [value_info("x", ["N", 64])], [value_info("y", ["N", 64])],
+        [tensor("w1", w1), tensor("w2", rng.standard_normal((64, 64)))])
+    feeds = []
+    for _ in range(3):
+        x = rng.standard_normal((16, 64)).astype(np.float32)
+        x[:, 0] = 1000.0 * rng.random(16)
+        feeds.append({"x": x})
+    notes: list[str] = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(mode="dynamic", check_speed=False,
+                                                          reduce_range=False), notes, feeds=feeds)
+    assert result.is_quantized, notes
+    assert any("kept float to hold the accuracy budget" in n and "'first'" in n for n in notes)
+    assert min(o.cosine for o in result.verification.outputs) >= 0.99
+    kinds = {n.name: n.op_type for n in result.model.graph if n.name in ("first", "second")}
+    assert kinds == {"first": "MatMul", "second": "DynamicQuantizeMatMul"}
