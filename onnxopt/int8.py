@@ -141,9 +141,31 @@ def quantize(
                                 "(TensorRT has no dynamic int8)")
         return quantize_dynamic(model, options, feeds or [], notes, progress=say)
     _check(options)
+    calib_batches, check_batches = _split_data(model, options, notes)
+    result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
+    if result.is_quantized or options.mode != "auto" or options.target != "ort-cpu" \
+            or not _dynamic_candidates(model):
+        return result
+    # Static int8 was not kept (budget, speed): weights-only int8 with activations quantized
+    # per call is the other CPU path, and often the one transformers tolerate.
+    say("static int8 was not kept: trying dynamic int8 of the MatMul/Gemm weights")
+    notes.append("static int8 was not kept; tried dynamic int8 of the MatMul/Gemm weights, "
+                 "judged on the held-out calibration batches")
+    dynamic = quantize_dynamic(model, options, check_batches, notes, progress=say,
+                               after_static=True)
+    return dynamic if dynamic.is_quantized else result
+
+
+def _dynamic_candidates(model: ir.Model) -> bool:
+    from onnxopt.passes import quantize_dynamic as dynamic
+
+    return bool(dynamic.QuantizeDynamicPass().call(model.clone()).counts.get("quantized"))
+
+
+def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], say,
+                     calib_batches, check_batches) -> Int8Result:
     from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
 
-    calib_batches, check_batches = _split_data(model, options, notes)
     base = _at_opset_13(model, notes)  # before choosing tensors: the pass needs opset 13
     if options.equalize:
         base = _equalized(base, notes)
@@ -296,7 +318,7 @@ def _slower(float_model: ir.Model, int8_model: ir.Model, feeds) -> str:
 
 
 def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: list[str], *,
-                     progress: Callable[[str], None]) -> Int8Result:
+                     progress: Callable[[str], None], after_static: bool = False) -> Int8Result:
     """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
     (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster."""
     from onnxopt.passes import quantize_dynamic as dynamic
@@ -330,7 +352,7 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
         notes.append("dynamic int8 with 7-bit weights (reduce_range): measured closer to fp32 "
                      "on this CPU")
     convs = sum(1 for n in model.graph if n.op_type == "Conv")
-    if convs:
+    if convs and not after_static:
         notes.append(f"pass --calib for static int8 of the {convs} Conv layers (dynamic int8 "
                      "covers MatMul/Gemm only: quantizing activations at run time does not pay "
                      "for convolutions on CPU)")

@@ -15,7 +15,8 @@ fewer than `min_weight_elements` elements (quantizing A each call costs more tha
 product saves); 6. Gemm with transA, alpha or beta != 1, or C not a constant [N].
 ORT's contrib schema (DynamicQuantizeMatMul, com.microsoft v1): inputs A, B, b_scale,
 b_zero_point (optional), bias (optional); b_scale and b_zero_point are a scalar or 1-D [N]
-(per column). Conv, Gather, LayerNormalization, Softmax are left alone (ORT's dynamic Conv is
+(per column). Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per
+row (`_gather`). Conv, LayerNormalization, Softmax are left alone (ORT's dynamic Conv is
 slower than float on CPU). Main graph only. DynamicQuantizeMatMul is no MatMul, so a second
 run changes nothing.
 """
@@ -28,7 +29,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes import _qdq
+from onnxopt.passes import _gather, _qdq
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer
 from onnxopt.passes._report import PassReport
 
@@ -77,6 +78,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             elif site is not None:
                 detail = self._rewrite(graph, names, site, cache)
                 report.change("quantized", f"quantized {describe(node)}: {detail}")
+        _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
             common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced

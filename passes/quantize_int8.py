@@ -23,6 +23,7 @@ is not a constant (graph input or computed); 3. a data input or output with no c
 functions (main graph only), ConvTranspose, MatMul of two activations, Resize, Mul, Gemm C
 not of shape [N] (kept float, so ORT leaves that Gemm float); a Conv whose output only leaves
 the graph gets no output pair, so ORT keeps it a float Conv (graph outputs stay float).
+Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per row (`_gather`).
 Ops already reading a DequantizeLinear are skipped, so a second run changes nothing.
 """
 
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes import _qdq
+from onnxopt.passes import _gather, _qdq
 from onnxopt.passes._graph import NameSource, constant, describe, opset_version
 from onnxopt.passes._qdq import cpu_needs_reduce_range, ort_kernel_counts
 from onnxopt.passes._report import PassReport
@@ -131,6 +132,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
                           f"quantized {describe(site.node)}: {detail}{what} {activation}")
         for value, (scale, zero_point) in params.items():
             _qdq.insert_qdq(graph, names, value, scale, zero_point)
+        _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
         return report

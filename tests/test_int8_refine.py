@@ -347,3 +347,68 @@ def test_dynamic_int8_keeps_the_sensitive_matmul_float_to_hold_the_budget(tmp_pa
     assert min(o.cosine for o in result.verification.outputs) >= 0.99
     kinds = {n.name: n.op_type for n in result.model.graph if n.name in ("first", "second")}
     assert kinds == {"first": "MatMul", "second": "DynamicQuantizeMatMul"}
+
+
+# ---------------------------------------------------------------- embedding tables
+
+
+def embedding_model(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((1000, 128)) * rng.uniform(0.01, 5, (1000, 1))  # row norms vary
+    proto = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")],
+        [value_info("ids", ["N", 12], onnx.TensorProto.INT64)],
+        [value_info("y", ["N", 12, 64])],
+        [tensor("table", table), tensor("w", rng.standard_normal((128, 64)))])
+    feeds = [{"ids": rng.integers(0, 1000, (4, 12)).astype(np.int64)} for _ in range(2)]
+    return proto, table, feeds
+
+
+def test_embedding_table_is_int8_per_row_and_lookups_dequantize_exactly():
+    from onnxopt.passes import QuantizeDynamicPass
+
+    proto, table, feeds = embedding_model()
+    model = to_ir(proto)
+    report = QuantizeDynamicPass()(model)
+    assert any("'embed' (Gather): table 'table' int8 per row" in line for line in report.log)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    inits = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+    assert "table" not in inits  # the float table is gone: ~4x smaller
+    [q] = [a for a in inits.values() if a.dtype == np.int8 and a.shape == (1000, 128)]
+    [s] = [a for a in inits.values() if a.shape == (1000, 1)]
+    np.testing.assert_allclose(s[:, 0], np.abs(table).max(axis=1) / 127, rtol=1e-6)
+    # the embedding output, exposed: exactly the dequantized rows
+    exposed = ir.to_proto(model)
+    exposed.graph.output.append(value_info("emb", ["N", 12, 128]))
+    for batch in feeds:
+        got_y, got_emb = run(exposed, batch)
+        np.testing.assert_array_equal(got_emb, (q[batch["ids"]].astype(np.float32)
+                                                * s[batch["ids"]]))
+        [want] = run(proto, batch)
+        assert cosine(got_y, want) >= 0.999
+    assert len(to_bytes(model)) < len(proto.SerializeToString()) / 3
+
+
+def test_auto_mode_tries_dynamic_when_static_is_not_kept(tmp_path):
+    """A MatMul model whose static int8 misses an impossible-for-static budget on one huge
+    input channel, but whose dynamic int8 (activations per call) holds it: auto keeps dynamic."""
+    rng = np.random.default_rng(0)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
+        [value_info("x", ["N", 64])], [value_info("y", ["N", 64])],
+        [tensor("w1", rng.standard_normal((64, 64))), tensor("w2", rng.standard_normal((64, 64)))])
+    # each batch has its own scale: one static range cannot fit all, a per-call one can; the
+    # held-out batches (the last 20%) are the small ones
+    scales = [10.0 ** (i % 5 - 2) for i in range(8)] + [0.01, 0.01]
+    x = np.stack([rng.standard_normal((8, 64)) * scale for scale in scales])
+    np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
+    notes: list[str] = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(
+        calib=str(tmp_path / "calib.npz"), check_speed=False, reduce_range=False), notes)
+    assert any("tried dynamic int8" in n for n in notes), notes
+    assert result.is_quantized
+    assert {n.op_type for n in result.model.graph} >= {"DynamicQuantizeMatMul"}
+    assert not any("pass --calib" in n for n in notes)
