@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxopt import io, runtime
 from onnxopt import verify as verify_mod
-from onnxopt.errors import BadInputError, root_cause
+from onnxopt.errors import BadInputError, OnnxoptError, root_cause
 from onnxopt.inputs import Feeds
 from onnxopt.passes import PassReport
 
@@ -102,6 +102,8 @@ def _run(model, passes, checker, on_pass, *, careful: bool) -> tuple[ir.Model, l
         start = time.perf_counter()
         try:
             result = pass_(model)
+        except OnnxoptError:
+            raise  # the user's input is at fault (a one-line error), not the pass
         except Exception as error:  # a pass bug must not cost the user their model
             root = root_cause(error)
             logger.debug("pass %s crashed", name, exc_info=True)

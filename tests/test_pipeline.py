@@ -166,3 +166,21 @@ def test_noise_floor_raises_atol_only_as_far_as_ort_itself_rounds():
     [with_floor] = verify.compare(ref, got, floor={"y": 2e-5})  # ORT's fusions: 2e-5
     [small_floor] = verify.compare(ref, got, floor={"y": 1e-7})
     assert not strict.is_close and with_floor.is_close and not small_floor.is_close
+
+
+def test_bad_input_raised_by_a_pass_is_not_taken_for_a_crash():
+    """A pass that finds the user's input unusable says so (exit 2); reverting it quietly would
+    write a model the user did not ask for."""
+    from onnxopt.errors import BadInputError
+
+    class Refuses(ir.passes.InPlacePass):
+        name = "refuses"
+
+        def call(self, model):
+            raise BadInputError("refuses: the weights file has nothing to match")
+
+    model = conv_bn_model()
+    for verify_each in (True, False):
+        with pytest.raises(BadInputError, match="nothing to match"):
+            pipeline.run_pipeline(model, [Refuses()], checker=checker_for(model),
+                                  verify_each=verify_each)
