@@ -45,11 +45,15 @@ def opset_version(graph: ir.Graph | ir.Function, domain: str = "") -> int:
 class NameSource:
     """Unique names for new values in one graph (initializer names must be unique on creation)."""
 
-    def __init__(self, graph: ir.Graph):
-        self._taken = {v.name for v in graph.initializers.values()}
-        self._taken.update(v.name for v in graph.inputs)
-        for node in graph:
-            self._taken.update(v.name for v in node.outputs if v.name)
+    def __init__(self, graph: ir.Graph, *more: ir.Graph):
+        """Names taken in `graph` and `more` (pass every graph of a model when new values go
+        into subgraphs too: an inner name must not shadow an outer one)."""
+        self._taken = set()
+        for g in (graph, *more):
+            self._taken.update(v.name for v in g.initializers.values())
+            self._taken.update(v.name for v in g.inputs)
+            for node in g:
+                self._taken.update(v.name for v in node.outputs if v.name)
 
     def __call__(self, base: str) -> str:
         name, index = base, 1

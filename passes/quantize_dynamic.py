@@ -17,8 +17,8 @@ ORT's contrib schema (DynamicQuantizeMatMul, com.microsoft v1): inputs A, B, b_s
 b_zero_point (optional), bias (optional); b_scale and b_zero_point are a scalar or 1-D [N]
 (per column). Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per
 row (`_gather`). Conv, LayerNormalization, Softmax are left alone (ORT's dynamic Conv is
-slower than float on CPU). Main graph only. DynamicQuantizeMatMul is no MatMul, so a second
-run changes nothing.
+slower than float on CPU). Subgraphs (If/Loop/Scan bodies) are covered like the main graph.
+DynamicQuantizeMatMul is no MatMul, so a second run changes nothing.
 """
 
 from __future__ import annotations
@@ -69,16 +69,19 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
-        graph, dtypes = model.graph, _qdq.infer_dtypes(model)
-        names, cache = NameSource(graph), {}
-        for node in list(graph):
-            site = self._site(node, dtypes)
-            if isinstance(site, str):
-                report.refuse(f"kept {describe(node)}: {site}")
-            elif site is not None:
-                detail = self._rewrite(graph, names, site, cache)
-                report.change("quantized", f"quantized {describe(node)}: {detail}")
-        _gather.quantize_tables(graph, names, self.options.exclude, report)
+        dtypes = _qdq.infer_dtypes(model)  # main graph; subgraph values are judged on weights
+        graphs = list(model.graphs())  # If/Loop/Scan bodies too: weights need no calibration
+        names = NameSource(*graphs)
+        for graph in graphs:
+            cache: dict = {}  # per graph: an int8 weight must live where all its readers see it
+            for node in list(graph):
+                site = self._site(node, dtypes)
+                if isinstance(site, str):
+                    report.refuse(f"kept {describe(node)}: {site}")
+                elif site is not None:
+                    detail = self._rewrite(graph, names, site, cache)
+                    report.change("quantized", f"quantized {describe(node)}: {detail}")
+            _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
             common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced

@@ -412,3 +412,39 @@ def test_auto_mode_tries_dynamic_when_static_is_not_kept(tmp_path):
     assert result.is_quantized
     assert {n.op_type for n in result.model.graph} >= {"DynamicQuantizeMatMul"}
     assert not any("pass --calib" in n for n in notes)
+
+
+# ---------------------------------------------------------------- subgraphs
+
+
+def test_dynamic_int8_reaches_matmuls_inside_if_branches():
+    """ORT's quantize_dynamic leaves If/Loop bodies float; here each branch's MatMul weight
+    (an outer-scope initializer in one, a branch initializer in the other) becomes int8."""
+    rng = np.random.default_rng(0)
+    w_inner = onnx.numpy_helper.from_array(
+        rng.standard_normal((64, 64)).astype(np.float32), "w_inner")
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_outer"], ["t"], name="then_mm")], "then", [],
+        [value_info("t", ["N", 64])])
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_inner"], ["e"], name="else_mm")], "else", [],
+        [value_info("e", ["N", 64])], [w_inner])
+    proto = make_model(
+        [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch,
+                          else_branch=else_branch)],
+        [value_info("cond", [], onnx.TensorProto.BOOL), value_info("x", ["N", 64])],
+        [value_info("y", ["N", 64])], [tensor("w_outer", rng.standard_normal((64, 64)))])
+    from onnxopt.passes import QuantizeDynamicPass
+
+    model = to_ir(proto)
+    report = QuantizeDynamicPass()(model)
+    assert report.counts["quantized"] == 2, report.log
+    quantized = ir.to_proto(model)
+    onnx.checker.check_model(quantized)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": x}
+        [want], [got] = run(proto, feeds), run(quantized, feeds)
+        assert cosine(got, want) >= 0.99
+    branches = [attr.g for attr in quantized.graph.node[0].attribute]
+    assert all(n.op_type == "DynamicQuantizeMatMul" for g in branches for n in g.node)
