@@ -583,19 +583,22 @@ def _status(tool: str, row: dict) -> str:
     if row.get("error") or row.get("run_error"):
         return "[red]failed[/red]"
     kernels = row.get("kernels") or {}
-    if not any(k.startswith(("QLinear", "QGemm", "MatMulInteger")) for k in kernels):
-        return "[red]no int8[/red]"
     if tool.startswith("onnxopt") and not row.get("quantized"):
         return "[yellow]kept fp32[/yellow]"
-    return "int8"
+    if not any(k.startswith(_INTEGER) for k in kernels):
+        return "[red]no int8[/red]"
+    return "int8 (dynamic)" if "DynamicQuantizeMatMul" in kernels else "int8"
+
+
+# integer kernels in ORT's optimized graph (static QDQ fusions and dynamic int8 MatMuls)
+_INTEGER = ("QLinear", "QGemm", "MatMulInteger", "DynamicQuantizeMatMul")
 
 
 def _kernel_cell(row: dict) -> str:
     kernels = row.get("kernels") or {}
     if not kernels or "error" in kernels:
         return "-"
-    integer = sum(v for k, v in kernels.items() if k.startswith(("QLinear", "QGemm",
-                                                                   "MatMulInteger")))
+    integer = sum(v for k, v in kernels.items() if k.startswith(_INTEGER))
     left = sum(kernels.get(k, 0) for k in ("Conv", "FusedConv", "Gemm", "MatMul",
                                            "FusedMatMul"))
     return f"{integer} int / {left} fp"
