@@ -302,7 +302,7 @@ def _read(plan, specs) -> Iterator[Feeds]:
             feeds = {}
             for name, layout in part.layouts.items():
                 batch = take_batch(arrays[name], layout, b)
-                if rows != layout.rows:
+                if rows != layout.rows and batch.ndim > 0:  # a scalar input has no rows
                     batch = batch[:rows]
                 feeds[name] = np.array(batch)  # a plain in-memory copy of a memory-mapped slice
                 _check_finite(part.label, name, b, feeds[name])
