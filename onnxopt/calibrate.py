@@ -39,7 +39,14 @@ from onnxopt import inputs, runtime
 from onnxopt.errors import BadInputError, first_line
 from onnxopt.histogram import TensorStats
 from onnxopt.images import Preprocess, image_size, load_image, parse_preprocess
-from onnxopt.inputs import Feeds, InputSpec, show_dims
+from onnxopt.inputs import (
+    BatchLayout,
+    Feeds,
+    InputSpec,
+    batch_layout,
+    show_dims,
+    take_batch,
+)
 
 __all__ = [
     "RANDOM",
@@ -78,21 +85,12 @@ class CalibrationData:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Where batch b sits in an array: the whole array, array[b], or rows b·size … (b+1)·size."""
-
-    mode: str  # "one" | "stack" | "split"
-    batches: int
-    rows: int  # rows along the batch axis per batch
-
-
-@dataclasses.dataclass(frozen=True)
 class _Part:
     """One file (or group of images): opened only while its batches are read."""
 
     label: str
     open: Callable[[], Mapping[str, np.ndarray]]
-    layouts: Mapping[str, _Layout]
+    layouts: Mapping[str, BatchLayout]
     batches: int
     rows: int
 
@@ -182,7 +180,7 @@ def _folder_parts(folder: Path, specs, preprocess, batch_size, notes) -> list[_P
 def _npz_part(path: Path, specs: Sequence[InputSpec]) -> _Part:
     headers = _open_npz(path, headers_only=True)
     _check_names(str(path), specs, headers)
-    layouts = {s.name: _layout(f"{path}: input {s.name!r}", s, headers[s.name]) for s in specs}
+    layouts = {s.name: batch_layout(f"{path}: input {s.name!r}", s, headers[s.name]) for s in specs}
     return _file_part(path, specs, layouts, lambda: _open_npz(path, headers_only=False))
 
 
@@ -193,7 +191,7 @@ def _npy_part(path: Path, specs: Sequence[InputSpec]) -> _Part:
             "use .npz files (one array per input name)"
         )
     array = _load_npy(path)
-    layouts = {specs[0].name: _layout(f"{path}: input {specs[0].name!r}", specs[0], array)}
+    layouts = {specs[0].name: batch_layout(f"{path}: input {specs[0].name!r}", specs[0], array)}
     return _file_part(path, specs, layouts, lambda: {specs[0].name: _load_npy(path)})
 
 
@@ -269,46 +267,6 @@ def _check_names(label: str, specs: Sequence[InputSpec], arrays: Mapping[str, ob
         )
 
 
-def _layout(where: str, spec: InputSpec, array: np.ndarray) -> _Layout:
-    """The batching rule: exact shape = one batch; one more leading axis = a stack; axis 0 a
-    multiple of the model's fixed batch size = split into batches of that size."""
-    if array.dtype != spec.dtype:
-        raise BadInputError(f"{where} is {array.dtype}, the model wants {spec.dtype}")
-    rank, shape = len(spec.dims), array.shape
-    batch = spec.dims[0] if rank else None
-    if array.ndim == rank + 1 and _fits(shape[1:], spec.dims):
-        return _Layout("stack", shape[0], shape[1] if rank else 1)
-    if array.ndim == rank and _fits(shape, spec.dims):
-        return _Layout("one", 1, shape[0] if rank else 1)
-    if (
-        array.ndim == rank
-        and isinstance(batch, int)
-        and batch > 0
-        and shape[0] % batch == 0
-        and _fits(shape[1:], spec.dims[1:])
-    ):
-        return _Layout("split", shape[0] // batch, batch)
-    split = f", or N×{batch} rows to split" if isinstance(batch, int) else ""
-    raise BadInputError(
-        f"{where} has shape {list(shape)}, the model wants {show_dims(spec.dims)} "
-        f"(or a stack of such batches{split})"
-    )
-
-
-def _fits(shape: Sequence[int], dims: Sequence[int | str | None]) -> bool:
-    return len(shape) == len(dims) and all(
-        not isinstance(d, int) or d == s for s, d in zip(shape, dims)
-    )
-
-
-def _take(array: np.ndarray, layout: _Layout, b: int) -> np.ndarray:
-    if layout.mode == "stack":
-        return array[b]
-    if layout.mode == "split":
-        return array[b * layout.rows : (b + 1) * layout.rows]
-    return array
-
-
 def _cap(parts: Sequence[_Part], samples, specs, notes) -> tuple[list, int]:
     """(part, [(batch, rows)]) up to `samples` rows; a fixed batch size keeps whole batches."""
     can_truncate = all(not s.dims or not isinstance(s.dims[0], int) for s in specs)
@@ -343,8 +301,8 @@ def _read(plan, specs) -> Iterator[Feeds]:
         for b, rows in taken:
             feeds = {}
             for name, layout in part.layouts.items():
-                batch = _take(arrays[name], layout, b)
-                if rows != layout.rows:
+                batch = take_batch(arrays[name], layout, b)
+                if rows != layout.rows and batch.ndim > 0:  # a scalar input has no rows
                     batch = batch[:rows]
                 feeds[name] = np.array(batch)  # a plain in-memory copy of a memory-mapped slice
                 _check_finite(part.label, name, b, feeds[name])
@@ -405,7 +363,7 @@ def _image_parts(folder, files, specs, preprocess: Preprocess, batch_size, notes
         raise BadInputError(
             f"--calib {folder}: {len(files)} image(s), fewer than the model's batch size {batch}"
         )
-    layouts = {spec.name: _Layout("one", 1, batch)}
+    layouts = {spec.name: BatchLayout("one", 1, batch)}
     return [
         _Part(
             str(files[i]),

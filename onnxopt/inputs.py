@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from onnxopt.errors import BadInputError
 
-__all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "show_dims", "Feeds"]
+__all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "show_dims", "Feeds",
+           "BatchLayout", "batch_layout", "take_batch"]
 
 Feeds = dict[str, np.ndarray]
 _GUESSED_BATCH = 1
@@ -194,28 +195,54 @@ def load_npz(path: str | os.PathLike, model: ir.Model, *, ignore: Sequence[str] 
 
 
 def _as_batches(path: Path, spec: InputSpec, array: np.ndarray) -> list[np.ndarray]:
-    where = f"{path}: input {spec.name!r}"
+    layout = batch_layout(f"{path}: input {spec.name!r}", spec, array)
+    return [take_batch(array, layout, b) for b in range(layout.batches)]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Where batch b sits in an array: the whole array, array[b], or rows b·size … (b+1)·size."""
+
+    mode: str  # "one" | "stack" | "split"
+    batches: int
+    rows: int  # rows along the batch axis per batch
+
+
+def batch_layout(where: str, spec: InputSpec, array: np.ndarray) -> BatchLayout:
+    """The batching rule: exact shape = one batch; one more leading axis = a stack; axis 0 a
+    multiple of the model's fixed batch size = split into batches of that size."""
     if array.dtype != spec.dtype:
         raise BadInputError(f"{where} is {array.dtype}, the model wants {spec.dtype}")
-    rank = len(spec.dims)
+    rank, shape = len(spec.dims), array.shape
     batch = spec.dims[0] if rank else None
-    if (array.ndim == rank and isinstance(batch, int) and batch > 0
-            and array.shape[0] != batch and array.shape[0] % batch == 0):
-        # Samples along axis 0 of a model with a fixed batch size: split into its batches.
-        batches = [array[i:i + batch] for i in range(0, array.shape[0], batch)]
-    elif array.ndim == rank:
-        batches = [array]
-    elif array.ndim == rank + 1:
-        batches = list(array)
-    else:
-        raise BadInputError(
-            f"{where} has shape {list(array.shape)}, the model wants {show_dims(spec.dims)} "
-            "(or a stack of such batches)"
-        )
-    for axis, dim in enumerate(spec.dims):
-        if isinstance(dim, int) and batches[0].shape[axis] != dim:
-            raise BadInputError(
-                f"{where} has shape {list(batches[0].shape)}, the model wants "
-                f"{show_dims(spec.dims)}"
-            )
-    return batches
+    if array.ndim == rank + 1 and _fits(shape[1:], spec.dims):
+        return BatchLayout("stack", shape[0], shape[1] if rank else 1)
+    if array.ndim == rank and _fits(shape, spec.dims):
+        return BatchLayout("one", 1, shape[0] if rank else 1)
+    if (
+        array.ndim == rank
+        and isinstance(batch, int)
+        and batch > 0
+        and shape[0] % batch == 0
+        and _fits(shape[1:], spec.dims[1:])
+    ):
+        return BatchLayout("split", shape[0] // batch, batch)
+    split = f", or N×{batch} rows to split" if isinstance(batch, int) else ""
+    raise BadInputError(
+        f"{where} has shape {list(shape)}, the model wants {show_dims(spec.dims)} "
+        f"(or a stack of such batches{split})"
+    )
+
+
+def _fits(shape: Sequence[int], dims: Sequence[int | str | None]) -> bool:
+    return len(shape) == len(dims) and all(
+        not isinstance(d, int) or d == s for s, d in zip(shape, dims)
+    )
+
+
+def take_batch(array: np.ndarray, layout: BatchLayout, b: int) -> np.ndarray:
+    if layout.mode == "stack":
+        return array[b]
+    if layout.mode == "split":
+        return array[b * layout.rows : (b + 1) * layout.rows]
+    return array

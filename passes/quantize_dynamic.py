@@ -69,9 +69,17 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
+        self.quantize_graphs(model, list(model.graphs()), report)
+        if report.modified:
+            common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
+        return report
+
+    def quantize_graphs(self, model: ir.Model, graphs: list[ir.Graph], report: PassReport) -> None:
+        """Rewrite the MatMul/Gemm and embedding tables of `graphs` (the main graph and If/Loop/
+        Scan bodies: weights need no calibration). quantize-int8 calls this for the subgraphs
+        its calibration cannot see into."""
         dtypes = _qdq.infer_dtypes(model)  # main graph; subgraph values are judged on weights
-        graphs = list(model.graphs())  # If/Loop/Scan bodies too: weights need no calibration
-        names = NameSource(*graphs)
+        names = NameSource(*model.graphs())
         for graph in graphs:
             cache: dict = {}  # per graph: an int8 weight must live where all its readers see it
             for node in list(graph):
@@ -84,8 +92,6 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
-            common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
-        return report
 
     def _site(self, node: ir.Node, dtypes) -> _Site | str | None:
         """The rewrite plan, the reason the node stays float, or None if it is no candidate."""

@@ -448,3 +448,42 @@ def test_dynamic_int8_reaches_matmuls_inside_if_branches():
         assert cosine(got, want) >= 0.99
     branches = [attr.g for attr in quantized.graph.node[0].attribute]
     assert all(n.op_type == "DynamicQuantizeMatMul" for g in branches for n in g.node)
+
+
+def test_static_int8_gives_if_branch_matmuls_weights_only_int8(tmp_path):
+    """Calibration cannot see into If bodies: static int8 quantizes the main graph's Conv with
+    QDQ and the branches' MatMuls with dynamic int8 (ORT's quantize_static leaves them float)."""
+    rng = np.random.default_rng(0)
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["flat", "w_then"], ["t"], name="then_mm")], "then", [],
+        [value_info("t", ["N", 64])])
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["flat", "w_else"], ["e"], name="else_mm")], "else", [],
+        [value_info("e", ["N", 64])])
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Flatten", ["r"], ["flat"], name="flatten"),
+         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch,
+                          else_branch=else_branch)],
+        [value_info("x", ["N", 4, 4, 4]), value_info("cond", [], onnx.TensorProto.BOOL)],
+        [value_info("y", ["N", 64])],
+        [tensor("wc", rng.standard_normal((8, 4, 3, 3))), tensor("bc", rng.standard_normal(8)),
+         tensor("w_then", rng.standard_normal((128, 64))),
+         tensor("w_else", rng.standard_normal((128, 64)))])
+    x = rng.standard_normal((6, 8, 4, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, cond=np.ones(6, dtype=bool))
+    notes: list[str] = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(
+        calib=str(tmp_path / "calib.npz"), check_speed=False), notes)
+    assert result.is_quantized, notes
+    assert any("'then_mm' (MatMul): weight per-column int8" in line for line in result.log)
+    quantized = ir.to_proto(result.model)
+    onnx.checker.check_model(quantized)
+    assert op_count(quantized, "QuantizeLinear") > 0  # the Conv: static QDQ
+    branches = [a.g for n in quantized.graph.node if n.op_type == "If" for a in n.attribute]
+    assert all(n.op_type == "DynamicQuantizeMatMul" for g in branches for n in g.node)
+    for cond in (True, False):
+        feeds = {"x": x[0], "cond": np.array(cond)}
+        [want], [got] = run(proto, feeds), run(quantized, feeds)
+        assert cosine(got, want) >= 0.99
