@@ -321,7 +321,6 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
                      progress: Callable[[str], None], after_static: bool = False) -> Int8Result:
     """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
     (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster."""
-    from onnxopt.passes import quantize_dynamic as dynamic
     from onnxopt.passes import quantize_int8
 
     progress("dynamic int8 of MatMul/Gemm weights")
