@@ -447,9 +447,24 @@ class _Trial:
             ranges=self.ranges, exclude=exclude, reduce_range=self.reduce_range,
             clip_weights=self.clip_weights, target=self.target)
         report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
+        if self.target == "ort-cpu" and len(list(report.model.graphs())) > 1:
+            _subgraphs_dynamic(report, self.reduce_range, self.clip_weights, exclude)
         feeds, reference = self.feeds[:batches], self.reference[:batches]
         checked, holds, why = self.budget.judge(report.model, reference, feeds)
         return _Outcome(report.model, report, checked, holds, why)
+
+
+def _subgraphs_dynamic(report, reduce_range: bool, clip_weights: str, exclude) -> None:
+    """If/Loop/Scan bodies, which calibration cannot see into: weights-only (dynamic) int8 of
+    their MatMul/Gemm, logged on the static pass's `report`."""
+    from onnxopt.passes import quantize_dynamic as dynamic
+
+    inner = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
+        reduce_range=reduce_range, clip_weights=clip_weights, exclude=exclude,
+        graphs="subgraphs"))(report.model)
+    report.log.extend(inner.log)
+    report.counts.update(inner.counts)
+    report.modified = report.modified or inner.modified
 
 
 @dataclasses.dataclass

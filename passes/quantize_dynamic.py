@@ -47,6 +47,9 @@ class QuantizeDynamicOptions:
     clip_weights: str = "max"  # per-column range: max, mse or percentile (_qdq.weight_scale)
     exclude: tuple[str, ...] = ()  # node names to keep float (the accuracy budget's fallback list)
     min_weight_elements: int = 4096  # tiny MatMuls cost more in (de)quantization than they save
+    # "all", or "subgraphs": only If/Loop/Scan bodies, where static int8 (quantize-int8, main
+    # graph only) has no calibrated ranges
+    graphs: str = "all"
 
 
 @dataclasses.dataclass
@@ -69,15 +72,9 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
-        self.quantize_graphs(model, list(model.graphs()), report)
-        if report.modified:
-            common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
-        return report
-
-    def quantize_graphs(self, model: ir.Model, graphs: list[ir.Graph], report: PassReport) -> None:
-        """Rewrite the MatMul/Gemm and embedding tables of `graphs` (the main graph and If/Loop/
-        Scan bodies: weights need no calibration). quantize-int8 calls this for the subgraphs
-        its calibration cannot see into."""
+        graphs = list(model.graphs())  # If/Loop/Scan bodies too: weights need no calibration
+        if self.options.graphs == "subgraphs":
+            graphs = graphs[1:]
         dtypes = _qdq.infer_dtypes(model)  # main graph; subgraph values are judged on weights
         names = NameSource(*model.graphs())
         for graph in graphs:
@@ -92,6 +89,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
+            common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
+        return report
 
     def _site(self, node: ir.Node, dtypes) -> _Site | str | None:
         """The rewrite plan, the reason the node stays float, or None if it is no candidate."""

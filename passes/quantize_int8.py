@@ -19,9 +19,9 @@ Per quantized op (formulas in `_qdq`):
 Refused (logged, graph unchanged there): 1. a node named in `exclude`; 2. a weight or bias that
 is not a constant (graph input or computed); 3. a data input or output with no calibrated range
 (Conv/Gemm/MatMul keep a float output instead); 4. float tensors other than float32;
-5. opset < 13 (per-channel DequantizeLinear needs `axis`). Subgraphs (If/Loop/Scan bodies),
-which calibration cannot see into, get quantize-dynamic's weights-only int8 of their MatMul/
-Gemm (ort-cpu). Not covered yet: function bodies, ConvTranspose, MatMul of two activations, Resize, Mul, Gemm C
+5. opset < 13 (per-channel DequantizeLinear needs `axis`). Main graph only: calibration cannot
+see into If/Loop/Scan bodies, so `--int8` gives them quantize-dynamic (`graphs="subgraphs"`).
+Not covered yet: function bodies, ConvTranspose, MatMul of two activations, Resize, Mul, Gemm C
 not of shape [N] (kept float, so ORT leaves that Gemm float); a Conv whose output only leaves
 the graph gets no output pair, so ORT keeps it a float Conv (graph outputs stay float).
 Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per row (`_gather`).
@@ -134,14 +134,6 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         for value, (scale, zero_point) in params.items():
             _qdq.insert_qdq(graph, names, value, scale, zero_point)
         _gather.quantize_tables(graph, names, self.options.exclude, report)
-        subgraphs = [g for g in model.graphs() if g is not graph]
-        if subgraphs and not tensorrt:  # no calibrated ranges in there: weights-only int8
-            from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
-
-            dynamic = QuantizeDynamicPass(QuantizeDynamicOptions(
-                reduce_range=self.options.reduce_range, clip_weights=self.options.clip_weights,
-                exclude=self.options.exclude))
-            dynamic.quantize_graphs(model, subgraphs, report)
         if report.modified:
             common.RemoveUnusedNodesPass()(model)  # the float weights the int8 ones replaced
         return report
