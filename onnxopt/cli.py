@@ -90,7 +90,8 @@ def optimize(
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     all_ops: Annotated[bool, typer.Option(help="List every op type, not only changed ones.")] = False,
-    int8_flag: Annotated[bool, typer.Option("--int8", help="Static int8 QDQ for ORT CPU.")] = False,
+    int8_flag: Annotated[bool, typer.Option(
+        "--int8", help="int8: static QDQ with --calib, dynamic MatMul/Gemm without.")] = False,
     calib: Annotated[Optional[str], typer.Option(
         help="Calibration data: .npz, folder of .npy/.npz/images, or 'random'.")] = None,
     calib_method: Annotated[str, typer.Option(help="minmax, percentile, entropy or mse.")] = "minmax",
