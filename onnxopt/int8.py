@@ -500,9 +500,8 @@ def _fall_back(trial: _Trial, full: _Outcome, notes: list[str]) -> _Outcome:
     When error is spread over many layers no short list wins it back; then the longest prefix
     of the network (graph order) that holds the budget stays int8, the rest float."""
     names = [m[1] for line in full.report.log if (m := _QUANTIZED.match(line))]
-    candidates = _worst_locally(trial, full, names)
-    gains = {n: trial.run((n,), batches=1).score - full.score for n in candidates}
-    order = sorted(candidates, key=lambda n: -gains[n])
+    gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
+    order = sorted(names, key=lambda n: -gains[n])
     limit = max(1, int(len(order) * _MAX_FALLBACK))
     count = 1
     while True:  # 1, 2, 4, ... of the worst back to float: log(n) checks, not n
@@ -517,39 +516,6 @@ def _fall_back(trial: _Trial, full: _Outcome, notes: list[str]) -> _Outcome:
             break
         count *= 2
     return _longest_prefix(trial, full, names, notes)
-
-
-_CANDIDATES = 24  # layers measured end to end by the sensitivity search
-
-
-def _worst_locally(trial, full: _Outcome, names: list[str]) -> list[str]:
-    """The layers to measure one by one: all of them in a small model; in a large one the
-    _CANDIDATES that lose the most SQNR themselves (their output's SQNR against fp32 below
-    their input's, from one run of both models), since every trial costs a model run (det: 83
-    layers, most of its calibration time)."""
-    if len(names) <= _CANDIDATES:
-        return names
-    try:
-        local = layer_sqnr(trial.base, full.model, full.report.log, trial.feeds[:1])
-    except BadInputError:  # a rewrite renamed the layer outputs: measure them all
-        return names
-    nodes = {n.name: n for n in trial.base.graph}
-
-    def upstream_sqnr(node: ir.Node) -> float:
-        """SQNR of the nearest measured layer up the first-input chain (inf: graph input)."""
-        for _ in range(32):
-            value = node.inputs[0] if node.inputs else None
-            node = value.producer() if value is not None else None
-            if node is None:
-                return math.inf
-            if node.name in local:
-                return local[node.name]
-        return math.inf
-
-    def loss(name: str) -> float:  # inf (exact) counts as 120 dB
-        return min(upstream_sqnr(nodes[name]), 120.0) - min(local.get(name, math.inf), 120.0)
-
-    return sorted(names, key=loss, reverse=True)[:_CANDIDATES]
 
 
 def _longest_prefix(trial: _Trial, full: _Outcome, names: list[str], notes) -> _Outcome:

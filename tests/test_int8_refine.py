@@ -4,7 +4,6 @@ cross-layer equalization."""
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import onnx
@@ -488,30 +487,3 @@ def test_static_int8_gives_if_branch_matmuls_weights_only_int8(tmp_path):
         feeds = {"x": x[0], "cond": np.array(cond)}
         [want], [got] = run(proto, feeds), run(quantized, feeds)
         assert cosine(got, want) >= 0.99
-
-
-def test_sensitivity_measures_the_layers_that_lose_the_most_themselves(monkeypatch):
-    """In a deep model only _CANDIDATES layers get an end-to-end trial: those whose own output
-    loses the most SQNR against their input's, not simply the deepest (whose accumulated error
-    is largest)."""
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    for i in range(30):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"m{i}"))
-        inits.append(tensor(f"w{i}", rng.standard_normal((8, 8))))
-    model = to_ir(make_model(nodes, [value_info("h0", ["N", 8])], [value_info("h30", ["N", 8])],
-                             inits))
-    sqnr, level = {}, 60.0
-    for i in range(30):
-        level -= 10.0 if i == 17 else 0.5  # m17 alone costs 10 dB, the rest 0.5 dB each
-        sqnr[f"m{i}"] = level
-    monkeypatch.setattr(int8, "layer_sqnr", lambda *args: sqnr)
-
-    class Trial:
-        base, feeds = model, [{}]
-
-    names = [f"m{i}" for i in range(30)]
-    full = int8._Outcome(None, types.SimpleNamespace(log=[]), None, False, "")
-    chosen = int8._worst_locally(Trial(), full, names)
-    # m0 turns an exact input into 59.5 dB; m17 loses 10 dB; every other layer 0.5 dB
-    assert len(chosen) == int8._CANDIDATES and chosen[:2] == ["m0", "m17"]
