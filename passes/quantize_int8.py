@@ -166,12 +166,9 @@ def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
         return None  # MaxPool with Indices has no uint8 kernel
     if node.name in exclude:
         return "excluded (kept float on request)"
-    dtype_refusal = _refusal(node, inputs, dtypes, lambda v: True, exclude)
-    if dtype_refusal:
-        return dtype_refusal
-    if node.op_type in _LINEAR and (why := _check_linear(node)):
-        return why
-    why = _refusal(node, inputs, dtypes, has_range, exclude)
+    why = (_dtype_refusal(inputs, dtypes)
+           or (_check_linear(node) if node.op_type in _LINEAR else None)
+           or _range_refusal(inputs, has_range))
     if why:
         return why
     output = _output_tensor(node, exclude)
@@ -213,7 +210,8 @@ def _plan_tensorrt(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_S
                 refusals.append(f"kept {describe(node)}: {why}")
                 continue
             activations = activations[:1]
-        why = _refusal(node, activations, dtypes, has_range, exclude)
+        why = ("excluded (kept float on request)" if node.name in exclude else
+               _dtype_refusal(activations, dtypes) or _range_refusal(activations, has_range))
         if why:
             refusals.append(f"kept {describe(node)}: {why}")
         else:
@@ -238,13 +236,16 @@ def _fusable_branch(value: ir.Value) -> bool:
     return _from_linear(value) and len(value.uses()) == 1
 
 
-def _refusal(node: ir.Node, inputs, dtypes, has_range, exclude) -> str | None:
-    if node.name in exclude:
-        return "excluded (kept float on request)"
+def _dtype_refusal(inputs, dtypes) -> str | None:
     for value in inputs:
         dtype = dtypes.get(value.name)
         if dtype is not None and dtype != ir.DataType.FLOAT:
             return f"input {value.name!r} is {dtype.name}, not FLOAT"
+    return None
+
+
+def _range_refusal(inputs, has_range) -> str | None:
+    for value in inputs:
         if not has_range(value):
             return f"input {value.name!r} has no calibrated range"
     return None
