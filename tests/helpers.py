@@ -101,3 +101,17 @@ def invoke_cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
         code = 0 if done.code is None else done.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def ignored_outlier_mlp(rng: np.random.Generator, width: int, hidden: int, out: int):
+    """x -> MatMul 'first' (weight row 0 is zero) -> Relu -> MatMul 'second': feed x a huge
+    channel 0 and one int8 range for x wipes out the other channels, so 'first' is the layer an
+    accuracy budget must keep float, while 'second' can stay int8."""
+    w1 = rng.standard_normal((width, hidden))
+    w1[0] = 0.0
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
+        [value_info("x", ["N", width])], [value_info("y", ["N", out])],
+        [tensor("w1", w1), tensor("w2", rng.standard_normal((hidden, out)))], opset=17)

@@ -137,18 +137,10 @@ def test_sensitive_layer_falls_back_to_float_to_hold_the_budget(tmp_path):
     """x has one huge channel that the first MatMul ignores (its weight row is 0): per-tensor
     uint8 on x wipes out the small channels, so that MatMul must stay float; the second one
     can still be int8."""
-    from helpers import make_model, tensor, to_ir, value_info
-    from onnx import helper
+    from helpers import ignored_outlier_mlp, to_ir
 
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((8, 16))
-    w1[0] = 0.0
-    proto = make_model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
-        [value_info("x", ["N", 8])], [value_info("y", ["N", 4])],
-        [tensor("w1", w1), tensor("w2", rng.standard_normal((16, 4)))], opset=17)
+    proto = ignored_outlier_mlp(rng, 8, 16, 4)
     x = rng.standard_normal((10, 16, 8)).astype(np.float32)
     x[:, :, 0] = 1000.0 * rng.random((10, 16))
     np.savez(tmp_path / "calib.npz", x=x)

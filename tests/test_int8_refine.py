@@ -9,7 +9,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import invoke_cli, make_model, op_count, run, tensor, to_bytes, to_ir, value_info
+from helpers import (
+    ignored_outlier_mlp,
+    invoke_cli,
+    make_model,
+    op_count,
+    run,
+    tensor,
+    to_bytes,
+    to_ir,
+    value_info,
+)
 from onnx import helper
 from onnxopt.passes import EqualizeCrossLayerPass, _qdq
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass, quantizable_tensors
@@ -326,14 +336,7 @@ def test_dynamic_int8_keeps_the_sensitive_matmul_float_to_hold_the_budget(tmp_pa
     """x has one huge channel that the first MatMul ignores (weight row 0): quantizing x per
     call to uint8 wipes out the others, so that MatMul stays float; the second is int8."""
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((64, 64))
-    w1[0] = 0.0
-    proto = make_model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")],
-        [value_info("x", ["N", 64])], [value_info("y", ["N", 64])],
-        [tensor("w1", w1), tensor("w2", rng.standard_normal((64, 64)))])
+    proto = ignored_outlier_mlp(rng, 64, 64, 64)  # >= 4096 weights: dynamic int8 takes them
     feeds = []
     for _ in range(3):
         x = rng.standard_normal((16, 64)).astype(np.float32)
