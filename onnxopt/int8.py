@@ -62,6 +62,11 @@ class Budget:
 
     def holds(self, errors: list[verify.OutputError]) -> tuple[bool, str]:
         for out in errors:
+            if out.exact_only:  # integer output (argmax, counts): the share of equal elements
+                if not out.cosine >= (self.min_cosine or 0.0):
+                    return False, (f"{out.name}: {out.cosine:.4f} of its elements equal "
+                                   f"< {self.min_cosine}")
+                continue
             if self.min_cosine is not None and not out.cosine >= self.min_cosine:
                 return False, f"{out.name}: cosine {out.cosine:.4f} < {self.min_cosine}"
             if self.min_sqnr_db is not None and not out.sqnr_db >= self.min_sqnr_db:

@@ -5,7 +5,8 @@ Metrics per output, worst over all batches:
     cosine  = <a, b> / (|a| |b|)      sqnr    = 10 log10( sum a^2 / sum (a - b)^2 )  [dB]
 where a is the reference. An output is close when |a - b| <= atol + rtol |a| everywhere (NaN equal
 to NaN), the rule of numpy.isclose, and its cosine reaches the tolerance's `min_cosine`.
-Integer and bool outputs must be equal. Score-like outputs (float, rank >= 2) also get top-1 and
+Integer and bool outputs must be equal; their `cosine` is the share of equal elements (what a
+lossy budget bounds: an argmax output that changes in 1 place of 1000 scores 0.999). Score-like outputs (float, rank >= 2) also get top-1 and
 top-5 agreement of the argmax over their last axis.
 
 Both models run with ORT's graph optimizations off, so ORT's own fusions cannot hide (or cause)
@@ -56,6 +57,7 @@ class OutputError:
     # is among the candidate's top 5. None for outputs that are not score-like.
     top1: float | None = None
     top5: float | None = None
+    exact_only: bool = False  # integer/bool output: cosine is the share of equal elements
 
 
 @dataclasses.dataclass
@@ -195,8 +197,9 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
     if not np.issubdtype(ref.dtype, np.floating):
         is_equal = bool(np.array_equal(ref, got))
         diff = 0.0 if is_equal else float(np.max(np.abs(ref.astype(np.float64) - got)))
-        return OutputError(name, diff, diff, 1.0 if is_equal else 0.0,
-                           math.inf if is_equal else -math.inf, is_equal)
+        agreement = float(np.mean(ref == got)) if ref.size else 1.0
+        return OutputError(name, diff, diff, agreement, math.inf if is_equal else -math.inf,
+                           is_equal, exact_only=True)
     a = ref.astype(np.float64).ravel()
     b = got.astype(np.float64).ravel()
     is_close = not tol.elementwise or bool(
@@ -229,4 +232,5 @@ def _worse(old: OutputError | None, new: OutputError) -> OutputError:
         min(old.sqnr_db, new.sqnr_db),
         old.is_close and new.is_close,
         old.reason or new.reason,
+        exact_only=new.exact_only,
     )

@@ -6,6 +6,7 @@ from onnxopt.passes._report import PassReport
 from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
 from onnxopt.passes.equalize import EqualizeCrossLayerPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
+from onnxopt.passes.fuse_activations import FuseActivationsPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 from onnxopt.passes.transfer import TransferPass
@@ -14,11 +15,12 @@ __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
 __all__ += ["TransferPass"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
-            "QuantizeDynamicOptions", "EqualizeCrossLayerPass"]
+            "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
     FoldBatchNormPass.name: FoldBatchNormPass,
+    FuseActivationsPass.name: FuseActivationsPass,
     EqualizeCrossLayerPass.name: EqualizeCrossLayerPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,
@@ -26,7 +28,7 @@ REGISTRY = {
 }
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.
-DEFAULT_PIPELINE = ("cleanup", "fold-batchnorm")
+DEFAULT_PIPELINE = ("cleanup", "fold-batchnorm", "fuse-activations")
 
 
 def describe_passes() -> list[tuple[str, bool, str]]:

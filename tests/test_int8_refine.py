@@ -490,3 +490,22 @@ def test_static_int8_gives_if_branch_matmuls_weights_only_int8(tmp_path):
         feeds = {"x": x[0], "cond": np.array(cond)}
         [want], [got] = run(proto, feeds), run(quantized, feeds)
         assert cosine(got, want) >= 0.99
+
+
+def test_budget_reads_integer_outputs_as_the_share_of_equal_elements():
+    """An argmax output that changes in 1 place of 1000 must not sink int8 (cosine of class
+    indices means nothing); one that changes in 5% of places must."""
+    from onnxopt import verify
+
+    reference = np.arange(1000, dtype=np.int64) % 7
+    one_off, many_off = reference.copy(), reference.copy()
+    one_off[3] += 1
+    many_off[::20] += 1
+    budget = int8.Budget(min_cosine=0.99)
+    for got, agreement, holds in ((one_off, 0.999, True), (many_off, 0.95, False)):
+        [error] = verify.compare([{"am": reference}], [{"am": got}])
+        assert error.exact_only and not error.is_close  # an exact rewrite must still match
+        assert error.cosine == pytest.approx(agreement)
+        assert budget.holds([error])[0] is holds
+    [same] = verify.compare([{"am": reference}], [{"am": reference.copy()}])
+    assert same.is_close and same.cosine == 1.0

@@ -1,0 +1,108 @@
+"""fuse-activations: spelled-out hard-swish / hard-sigmoid become one op, with the same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxopt.passes import FuseActivationsPass
+from helpers import (assert_same_outputs, make_model, op_count, run, tensor, to_ir,
+                           value_info)
+
+SHAPE = [2, 8, 5, 5]
+
+
+def _feeds():
+    # Spans every piece of the activation: below -3 (zero), the ramp, above 3 (identity).
+    return {"x": np.random.default_rng(0).uniform(-6, 6, SHAPE).astype(np.float32)}
+
+
+def _hardswish_model(*, opset: int, scale_by_mul: bool = False, clip_max: float = 6.0,
+                     extra_output: bool = False):
+    """Conv -> x * Clip(x + 3, 0, clip_max) / 6 (or * 1/6) -> Conv, as Paddle exports it."""
+    rng = np.random.default_rng(1)
+    last = (helper.make_node("Mul", ["m", "sixth"], ["h"]) if scale_by_mul
+            else helper.make_node("Div", ["m", "six"], ["h"]))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["x1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["x1", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "clip_max"], ["c"]),
+             helper.make_node("Mul", ["x1", "c"], ["m"]),
+             last,
+             helper.make_node("Conv", ["h", "w2"], ["y"])]
+    outputs = [value_info("y", None)] + ([value_info("c", None)] if extra_output else [])
+    inits = [tensor("w1", rng.standard_normal((8, 8, 3, 3)) * 0.5),
+             tensor("w2", rng.standard_normal((4, 8, 1, 1))),
+             tensor("three", 3.0), tensor("zero", 0.0), tensor("clip_max", clip_max),
+             tensor("six", 6.0), tensor("sixth", 1 / 6)]
+    return make_model(nodes, [value_info("x", SHAPE)], outputs, inits, opset=opset)
+
+
+def _fused(model):
+    ir_model = to_ir(model)
+    report = FuseActivationsPass()(ir_model)
+    return ir_model, report
+
+
+@pytest.mark.parametrize("scale_by_mul", [False, True])
+def test_hardswish_becomes_one_op_from_opset_14(scale_by_mul):
+    model = _hardswish_model(opset=14, scale_by_mul=scale_by_mul)
+    fused, report = _fused(model)
+    assert report.modified and report.counts["HardSwish fused"] == 1
+    assert op_count(fused, "HardSwish") == 1
+    for op in ("Add", "Clip", "Div", "Mul"):
+        assert op_count(fused, op) == 0, op
+    assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
+
+
+def test_hardswish_before_opset_14_is_x_times_hardsigmoid():
+    model = _hardswish_model(opset=13)
+    fused, report = _fused(model)
+    assert report.counts["HardSigmoid fused"] == 1
+    assert op_count(fused, "HardSwish") == 0  # does not exist before opset 14
+    assert op_count(fused, "HardSigmoid") == 1 and op_count(fused, "Mul") == 1
+    assert op_count(fused, "Clip") == 0 and op_count(fused, "Div") == 0
+    assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
+
+
+def test_hardsigmoid_alone():
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["x1"]),
+             helper.make_node("Add", ["three", "x1"], ["a"]),  # operands either way round
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["c", "sixth"], ["s"]),
+             helper.make_node("Mul", ["x", "s"], ["y"])]  # SE-style gate on another tensor
+    model = make_model(nodes, [value_info("x", SHAPE)], [value_info("y", None)],
+                       [tensor("w", rng.standard_normal((8, 8, 1, 1))), tensor("three", 3.0),
+                        tensor("zero", 0.0), tensor("six", 6.0), tensor("sixth", 1 / 6)])
+    fused, report = _fused(model)
+    assert report.counts["HardSigmoid fused"] == 1
+    assert op_count(fused, "HardSigmoid") == 1 and op_count(fused, "Clip") == 0
+    assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
+
+
+def test_other_constants_are_not_fused():
+    model = _hardswish_model(opset=17, clip_max=5.0)  # not a hard-swish
+    fused, report = _fused(model)
+    assert not report.modified
+    assert op_count(fused, "Clip") == 1 and op_count(fused, "HardSwish") == 0
+
+
+def test_intermediate_used_elsewhere_is_not_fused():
+    model = _hardswish_model(opset=17, extra_output=True)  # the Clip output leaves the graph
+    fused, report = _fused(model)
+    assert op_count(fused, "Clip") == 1 and op_count(fused, "HardSwish") == 0
+    expected, got = run(model, _feeds()), run(fused, _feeds())
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_old_clip_with_attributes_is_left_alone():
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]),
+             helper.make_node("Clip", ["a"], ["c"], min=0.0, max=6.0),
+             helper.make_node("Mul", ["x", "c"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["y"])]
+    model = make_model(nodes, [value_info("x", SHAPE)], [value_info("y", None)],
+                       [tensor("three", 3.0), tensor("six", 6.0)], opset=10)
+    fused, report = _fused(model)
+    assert not report.modified and op_count(fused, "Clip") == 1
