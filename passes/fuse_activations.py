@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
 from onnxopt.passes._graph import constant, opset_version
 from onnxopt.passes._report import PassReport
 
@@ -41,6 +42,7 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         count = _rules(hardswish=opset >= 14).apply_to_model(model)
         if not count:
             return report
+        common.RemoveUnusedNodesPass()(model)  # the 3 and 6 constants the rewriter left behind
         fused = [n for n in model.graph if id(n) not in before and n.op_type in _FUSED]
         for node in fused:
             report.change(f"{node.op_type} fused",

@@ -106,3 +106,9 @@ def test_old_clip_with_attributes_is_left_alone():
                        [tensor("three", 3.0), tensor("six", 6.0)], opset=10)
     fused, report = _fused(model)
     assert not report.modified and op_count(fused, "Clip") == 1
+
+
+def test_leaves_no_unused_constants_behind():
+    fused, _ = _fused(_hardswish_model(opset=14))
+    used = {v.name for n in fused.graph for v in n.inputs if v is not None}
+    assert set(fused.graph.initializers) <= used, set(fused.graph.initializers) - used
