@@ -270,7 +270,7 @@ def _bias_corrected(trial: _Trial, result: _Outcome, calib_batches, options: Int
     base, count = bias_correction.corrected(trial.base, shifts)
     if not count:
         return trial, result
-    corrected_trial = dataclasses.replace(trial, base=base)
+    corrected_trial = dataclasses.replace(trial, base=base, dtypes=None)
     corrected = corrected_trial.run(())
     gain = corrected.score - result.score
     if options.bias_correction or gain > 0:
@@ -444,13 +444,16 @@ class _Trial:
     budget: Budget
     clip_weights: str = "max"
     target: str = "ort-cpu"
+    dtypes: dict | None = None  # of `base`'s values, inferred on the first run
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
-        from onnxopt.passes import quantize_int8
+        from onnxopt.passes import _qdq, quantize_int8
 
+        if self.dtypes is None:
+            self.dtypes = _qdq.infer_dtypes(self.base)
         options = quantize_int8.QuantizeInt8Options(
             ranges=self.ranges, exclude=exclude, reduce_range=self.reduce_range,
-            clip_weights=self.clip_weights, target=self.target)
+            clip_weights=self.clip_weights, target=self.target, dtypes=self.dtypes)
         report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
         if self.target == "ort-cpu" and len(list(report.model.graphs())) > 1:
             _subgraphs_dynamic(report, self.reduce_range, self.clip_weights, exclude)

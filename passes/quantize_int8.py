@@ -74,6 +74,10 @@ class QuantizeInt8Options:
     # inputs of Conv/Gemm/MatMul and on a residual Add's other input, symmetric int8
     # activations, float bias: the placement TensorRT's explicit-quantization fusions expect.
     target: str = "ort-cpu"
+    # Element types of the graph's values (infer_dtypes), when the caller already has them: the
+    # accuracy budget's sensitivity pass quantizes the same model once per layer, and type
+    # inference is a third of each run.
+    dtypes: Mapping[str, ir.DataType] | None = None
 
 
 @dataclasses.dataclass
@@ -103,7 +107,9 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             return report
         tensorrt = self.options.target == "tensorrt"
         plan = _plan_tensorrt if tensorrt else _plan
-        sites, refusals = plan(graph, _qdq.infer_dtypes(model), lambda v: v.name in ranges,
+        dtypes = self.options.dtypes if self.options.dtypes is not None else \
+            _qdq.infer_dtypes(model)
+        sites, refusals = plan(graph, dtypes, lambda v: v.name in ranges,
                                set(self.options.exclude))
         for line in refusals:
             report.refuse(line)
