@@ -485,14 +485,18 @@ class _DynamicTrial:
     feeds: list
     reference: list
     budget: Budget
+    dtypes: dict | None = None  # of `base`'s values, inferred on the first run
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
+        from onnxopt.passes import _qdq
         from onnxopt.passes import quantize_dynamic as dynamic
 
+        if self.dtypes is None:
+            self.dtypes = _qdq.infer_dtypes(self.base)
         model = self.base.clone()
         report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
             reduce_range=self.reduce_range, clip_weights=self.clip_weights,
-            exclude=exclude))(model)
+            exclude=exclude, dtypes=self.dtypes))(model)
         checked, holds, why = self.budget.judge(model, self.reference[:batches],
                                                 self.feeds[:batches])
         return _Outcome(model, report, checked, holds, why)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -50,6 +51,9 @@ class QuantizeDynamicOptions:
     # "all", or "subgraphs": only If/Loop/Scan bodies, where static int8 (quantize-int8, main
     # graph only) has no calibrated ranges
     graphs: str = "all"
+    # Element types of the main graph's values (_qdq.infer_dtypes) when the caller has them:
+    # the accuracy budget quantizes the same model once per MatMul (see quantize-int8's).
+    dtypes: Mapping[str, ir.DataType] | None = None
 
 
 @dataclasses.dataclass
@@ -75,7 +79,9 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         graphs = list(model.graphs())  # If/Loop/Scan bodies too: weights need no calibration
         if self.options.graphs == "subgraphs":
             graphs = graphs[1:]
-        dtypes = _qdq.infer_dtypes(model)  # main graph; subgraph values are judged on weights
+        dtypes = self.options.dtypes  # main graph; subgraph values are judged on weights
+        if dtypes is None:
+            dtypes = _qdq.infer_dtypes(model)
         names = NameSource(*model.graphs())
         for graph in graphs:
             cache: dict = {}  # per graph: an int8 weight must live where all its readers see it
