@@ -124,6 +124,7 @@ class Int8Result:
     log: list[str]
     counts: dict[str, int]
     layer_sqnr: dict[str, float] = dataclasses.field(default_factory=dict)  # see layer_sqnr
+    kept_float: int = 0  # quantized layers the budget sent back to float
 
 
 def quantize(
@@ -148,17 +149,37 @@ def quantize(
     _check(options)
     calib_batches, check_batches = _split_data(model, options, notes)
     result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
-    if result.is_quantized or options.mode != "auto" or options.target != "ort-cpu" \
-            or not _dynamic_candidates(model):
+    if (result.is_quantized and not result.kept_float) or options.mode != "auto" \
+            or options.target != "ort-cpu" or not _dynamic_candidates(model):
         return result
-    # Static int8 was not kept (budget, speed): weights-only int8 with activations quantized
-    # per call is the other CPU path, and often the one transformers tolerate.
-    say("static int8 was not kept: trying dynamic int8 of the MatMul/Gemm weights")
-    notes.append("static int8 was not kept; tried dynamic int8 of the MatMul/Gemm weights, "
+    # Static int8 was not kept (budget, speed), or kept only with layers back in float:
+    # weights-only int8 with activations quantized per call is the other CPU path, and often
+    # the one transformers tolerate.
+    why = ("was not kept" if not result.is_quantized else
+           f"kept {result.kept_float} layer{'s' * (result.kept_float != 1)} float to hold "
+           "the budget")
+    say(f"static int8 {why}: trying dynamic int8 of the MatMul/Gemm weights")
+    notes.append(f"static int8 {why}; tried dynamic int8 of the MatMul/Gemm weights, "
                  "judged on the held-out calibration batches")
     dynamic = quantize_dynamic(model, options, check_batches, notes, progress=say,
                                after_static=True)
-    return dynamic if dynamic.is_quantized else result
+    if not dynamic.is_quantized:
+        return result
+    if not result.is_quantized:
+        return dynamic
+    return _faster(result, dynamic, check_batches[0], notes)
+
+
+def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) -> Int8Result:
+    """Both hold the budget: the one ORT CPU runs faster (p50, interleaved)."""
+    with runtime.model_session(static.model) as a, runtime.model_session(dynamic.model) as b:
+        runners = [runtime.runner(a, feeds), runtime.runner(b, feeds)]
+        first, second = bench.measure_runners(runners, seconds=_TIMING_SECONDS)
+    ratio, low, high = bench.ratio_ci(first.times_ms, second.times_ms)
+    winner = "dynamic" if ratio < 1.0 else "static"
+    notes.append(f"both held the budget; kept {winner} int8 (dynamic / static latency "
+                 f"{ratio:.2f}, 95% CI {low:.2f}-{high:.2f})")
+    return dynamic if ratio < 1.0 else static
 
 
 def _dynamic_candidates(model: ir.Model) -> bool:
@@ -216,7 +237,8 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
 
 def _quantized(base: ir.Model, result: _Outcome, kernels, batches: int, check_batches) -> Int8Result:
     quantized = Int8Result(result.model, True, result.verification, kernels, batches,
-                           list(result.report.log), dict(result.report.counts))
+                           list(result.report.log), dict(result.report.counts),
+                           kept_float=len(result.excluded))
     quantized.layer_sqnr = layer_sqnr(base, result.model, result.report.log, check_batches[:2])
     return quantized
 
@@ -371,7 +393,8 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     if slower:
         notes.append(f"int8 (dynamic) ran slower than float on ORT CPU ({slower}); kept float")
         return _kept_float(model, outcome, 0, kernels, why=f"slower: {slower}")
-    return Int8Result(quantized, True, checked, kernels, 0, list(report.log), dict(report.counts))
+    return Int8Result(quantized, True, checked, kernels, 0, list(report.log), dict(report.counts),
+                      kept_float=len(outcome.excluded))
 
 
 def _check(options: Int8Options) -> None:
@@ -425,6 +448,7 @@ class _Outcome:
     verification: verify.Verification
     holds: bool
     why: str
+    excluded: tuple[str, ...] = ()  # the layers this trial kept float
 
     @property
     def score(self) -> float:
@@ -459,7 +483,7 @@ class _Trial:
             _subgraphs_dynamic(report, self.reduce_range, self.clip_weights, exclude)
         feeds, reference = self.feeds[:batches], self.reference[:batches]
         checked, holds, why = self.budget.judge(report.model, reference, feeds)
-        return _Outcome(report.model, report, checked, holds, why)
+        return _Outcome(report.model, report, checked, holds, why, exclude)
 
 
 def _subgraphs_dynamic(report, reduce_range: bool, clip_weights: str, exclude) -> None:
@@ -499,7 +523,7 @@ class _DynamicTrial:
             exclude=exclude, dtypes=self.dtypes))(model)
         checked, holds, why = self.budget.judge(model, self.reference[:batches],
                                                 self.feeds[:batches])
-        return _Outcome(model, report, checked, holds, why)
+        return _Outcome(model, report, checked, holds, why, exclude)
 
 
 _QUANTIZED = re.compile(r"^quantized '(.+?)' \(")

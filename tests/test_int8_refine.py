@@ -509,3 +509,26 @@ def test_budget_reads_integer_outputs_as_the_share_of_equal_elements():
         assert budget.holds([error])[0] is holds
     [same] = verify.compare([{"am": reference}], [{"am": reference.copy()}])
     assert same.is_close and same.cosine == 1.0
+
+
+def test_auto_tries_dynamic_when_static_needs_float_layers(tmp_path):
+    """Static int8 holds the budget only with 'first' back in float: auto mode also tries
+    dynamic int8 and keeps whichever of the two runs faster, saying which."""
+    rng = np.random.default_rng(11)
+    proto = ignored_outlier_mlp(rng, 64, 64, 64)
+    batches = rng.standard_normal((5, 16, 64)).astype(np.float32)
+    batches[:, :, 0] = 1000.0 * rng.random((5, 16))
+    np.savez(tmp_path / "calib.npz", x=batches)
+    notes: list[str] = []
+    result = int8.quantize(to_ir(proto), int8.Int8Options(
+        calib=str(tmp_path / "calib.npz"), reduce_range=False, equalize=False, check_speed=False,
+        bias_correction=False), notes)
+    assert result.is_quantized, notes
+    assert any("static int8 kept 1 layer float" in n for n in notes), notes
+    [choice] = [n for n in notes if n.startswith("both held the budget; kept ")]
+    ops = {n.op_type for n in result.model.graph}
+    if "kept dynamic" in choice:
+        assert "DynamicQuantizeMatMul" in ops and "QuantizeLinear" not in ops
+    else:
+        assert "QuantizeLinear" in ops and "DynamicQuantizeMatMul" not in ops
+    assert min(o.cosine for o in result.verification.outputs) >= 0.99
