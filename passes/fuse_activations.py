@@ -6,9 +6,10 @@ Paddle, TensorFlow and older PyTorch exports spell MobileNetV3's activations out
 ORT runs each of those ops as its own kernel, in float even inside an int8 graph (it has no
 integer kernel for them). One HardSwish (opset >= 14), or x · HardSigmoid(x) before opset 14,
 reads the tensor once: 1.6 ms -> 1.0 ms on a [1, 32, 160, 160] tensor here, and PP-OCR det has
-24 of them. Matching and replacing is onnxscript's rewriter (its own rules for the ÷6 form,
-plus ours for ×1/6 and for opsets without HardSwish); it only fires when the intermediate
-values feed nothing else. The result differs from the spelled-out form by float rounding
+24 of them. Matching and replacing is onnxscript's rewriter, with our rules (÷6 or ×1/6, and
+opsets without HardSwish) plus its HardSigmoid · x -> HardSwish; they fire only when the
+intermediate values feed nothing else, and only on float32/float16 tensors (ORT's CPU
+provider has no float64 HardSigmoid/HardSwish). The result differs from the spelled-out form by float rounding
 (HardSigmoid computes x/6 + 0.5 where the export computed (x + 3)/6), within the pipeline's
 tolerance.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes._graph import constant, opset_version
+from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
 
 __all__ = ["FuseActivationsPass"]
@@ -39,7 +41,8 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         if opset < 11 or not _candidates(model.graph):
             return report
         before = {id(n) for n in model.graph}
-        count = _rules(hardswish=opset >= 14).apply_to_model(model)
+        dtypes = infer_dtypes(model)  # exports often leave intermediate types out
+        count = _rules(hardswish=opset >= 14, dtypes=dtypes).apply_to_model(model)
         if not count:
             return report
         common.RemoveUnusedNodesPass()(model)  # the 3 and 6 constants the rewriter left behind
@@ -64,14 +67,19 @@ def _near(value: ir.Value | None, target: float) -> bool:
                                                                     target, rtol=1e-4))
 
 
-def _rules(*, hardswish: bool):
+_KERNEL_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)  # what ORT CPU implements
+
+
+def _rules(*, hardswish: bool, dtypes):
     from onnxscript.rewriter import pattern
     from onnxscript.rewriter._basics import MatchResult
     from onnxscript.rewriter.rules.common import _fuse_hardswish as library
 
-    def relu6_of_x_plus_3(result: MatchResult, bias, clip_min, clip_max) -> MatchResult:
+    def relu6_of_x_plus_3(result: MatchResult, x, bias, clip_min, clip_max) -> MatchResult:
         if not (_near(bias, 3.0) and _near(clip_min, 0.0) and _near(clip_max, 6.0)):
             return result.fail("not Clip(x + 3, 0, 6)")
+        if dtypes.get(x.name, x.dtype) not in _KERNEL_DTYPES:
+            return result.fail("not float32/float16")
         return result
 
     def x_times_hard_sigmoid(op, x):
@@ -86,7 +94,7 @@ def _rules(*, hardswish: bool):
             return op.Div(op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), x), six)
 
         def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), bias, clip_min, clip_max)
+            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
             return result if not result or _near(six, 6.0) else result.fail("not ÷6")
 
         def rewrite(self, op, x, bias, clip_min, clip_max, six):
@@ -99,7 +107,7 @@ def _rules(*, hardswish: bool):
             return op.Mul(op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), x), six)
 
         def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), bias, clip_min, clip_max)
+            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
             return result if not result or _near(six, 1 / 6) else result.fail("not ×1/6")
 
     class HardSigmoidScaled(pattern.RewriteRuleClassBase):
@@ -109,14 +117,24 @@ def _rules(*, hardswish: bool):
             return op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), six)
 
         def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), bias, clip_min, clip_max)
+            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
             return result if not result or _near(six, 1 / 6) else result.fail("not ×1/6")
 
         def rewrite(self, op, x, bias, clip_min, clip_max, six):
             return op.HardSigmoid(x, alpha=1 / 6, beta=0.5)
 
+    class HardSigmoidDivided(HardSigmoidScaled):
+        """Clip(x + 3, 0, 6) / 6."""
+
+        def pattern(self, op, x, bias, clip_min, clip_max, six):
+            return op.Div(op.Clip(op.Add(x, bias), clip_min, clip_max), six)
+
+        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
+            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
+            return result if not result or _near(six, 6.0) else result.fail("not ÷6")
+
     rules = [HardSwishDivided().rule(), HardSwishScaled().rule(),
-             library.HardSigmoidFusion().rule(), HardSigmoidScaled().rule()]
+             HardSigmoidDivided().rule(), HardSigmoidScaled().rule()]
     if hardswish:  # x · HardSigmoid(x), from the hard-sigmoid rules or from the export
         rules.append(library.HardSwishFusionFromHardSigmoid().rule())
     return pattern.RewriteRuleSet(rules, commute=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_same_outputs, make_model, op_count, run, tensor, to_ir, value_info
-from onnx import helper
+from onnx import TensorProto, helper
 from onnxopt.passes import FuseActivationsPass
 
 SHAPE = [2, 8, 5, 5]
@@ -111,3 +111,19 @@ def test_leaves_no_unused_constants_behind():
     fused, _ = _fused(_hardswish_model(opset=14))
     used = {v.name for n in fused.graph for v in n.inputs if v is not None}
     assert set(fused.graph.initializers) <= used, set(fused.graph.initializers) - used
+
+
+def test_float64_is_left_alone():
+    """ORT's CPU provider has no float64 HardSigmoid/HardSwish: fusing would break the model."""
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["y"])]
+    model = make_model(nodes, [value_info("x", SHAPE, TensorProto.DOUBLE)],
+                       [value_info("y", None, TensorProto.DOUBLE)],
+                       [tensor(n, v, np.float64) for n, v in (("three", 3.0), ("zero", 0.0),
+                                                              ("six", 6.0))])
+    fused, report = _fused(model)
+    assert not report.modified and op_count(fused, "Clip") == 1
+    feeds = {"x": _feeds()["x"].astype(np.float64)}
+    np.testing.assert_array_equal(run(model, feeds)[0], run(fused, feeds)[0])
