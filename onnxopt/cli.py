@@ -111,6 +111,8 @@ def optimize(
         help="Correct int8 mean output shifts (default: kept where it helps).")] = None,
     equalize: Annotated[bool, typer.Option(
         help="Cross-layer equalization of Conv -> Relu -> Conv before int8.")] = True,
+    keep_float: Annotated[Optional[str], typer.Option(
+        help="int8: node names to keep float, comma-separated regular expressions.")] = None,
     transfer_from: Annotated[Optional[str], typer.Option(
         help="First copy the trained weights of this model in (see `onnxopt transfer`).")] = None,
     quiet: QuietOpt = False,
@@ -122,7 +124,8 @@ def optimize(
                                         int8.parse_budget(max_error), _shapes(shape),
                                         check_speed=not allow_slower, mode=quant_mode,
                                         target=target, clip_weights=clip_weights,
-                                        bias_correction=bias_correction, equalize=equalize)
+                                        bias_correction=bias_correction, equalize=equalize,
+                                        keep_float=keep_float)
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,

@@ -109,6 +109,9 @@ class Int8Options:
     clip_weights: str = "max"  # per-channel weight ranges: max, mse or percentile
     # None: tried, kept only where it brings the held-out error down; True/False force it.
     bias_correction: bool | None = None
+    # Node names to keep float whatever the budget says: comma-separated regular expressions,
+    # each matched against whole node names (`--keep-float '/bert/.*/output/dense/MatMul'`).
+    keep_float: str | None = None
     # Cross-layer equalization of Conv -> Relu -> Conv before calibrating: exact, and measured
     # to help (PP-OCR rec held-out cosine 0.90 -> 0.94, the default model 0.99991 -> 0.99992).
     equalize: bool = True
@@ -139,6 +142,10 @@ def quantize(
     `feeds` judge the dynamic model's budget (static holds out calibration batches)."""
     say = progress or (lambda _: None)
     _check_choices(options)
+    kept = kept_float(model, options)  # a pattern that names nothing fails before calibrating
+    if kept:
+        shown = ", ".join(repr(n) for n in kept[:5]) + (", ..." if len(kept) > 5 else "")
+        notes.append(f"kept float on request (--keep-float): {len(kept)} nodes: {shown}")
     if options.target == "ort-cuda":
         return _cuda_keeps_float(model, notes)
     if options.mode == "dynamic" or (options.mode == "auto" and options.calib is None):
@@ -182,6 +189,26 @@ def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) ->
     return dynamic if ratio < 1.0 else static
 
 
+def kept_float(model: ir.Model, options: Int8Options) -> tuple[str, ...]:
+    """The node names `--keep-float` selects (every graph); a pattern naming none is an error."""
+    if not options.keep_float:
+        return ()
+    names = [n.name for g in model.graphs() for n in g if n.name]
+    kept: list[str] = []
+    for pattern in filter(None, (p.strip() for p in options.keep_float.split(","))):
+        try:
+            matcher = re.compile(pattern)
+        except re.error as error:
+            raise BadInputError(f"--keep-float {pattern!r}: not a regular expression "
+                                f"({error})") from None
+        matched = [name for name in names if matcher.fullmatch(name)]
+        if not matched:
+            raise BadInputError(f"--keep-float {pattern!r} matches no node name (e.g. "
+                                f"{', '.join(repr(n) for n in names[:3])})")
+        kept.extend(matched)
+    return tuple(dict.fromkeys(kept))
+
+
 def _dynamic_candidates(model: ir.Model) -> bool:
     from onnxopt.passes import quantize_dynamic as dynamic
 
@@ -202,7 +229,7 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
     reduce_range = False if options.target == "tensorrt" else _reduce_range(options, notes)
     trial = _Trial(base, ranges, reduce_range, check_batches,
                    verify.reference_outputs(model, check_batches), options.budget,
-                   options.clip_weights, options.target)
+                   options.clip_weights, options.target, kept=kept_float(base, options))
     say("inserting QDQ")
     result = trial.run(())
     if result.report.counts.get("quantized", 0) == 0:
@@ -362,7 +389,7 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     trials = []
     for reduce_range in choices:
         trial = _DynamicTrial(model, reduce_range, options.clip_weights, feeds, reference,
-                              options.budget)
+                              options.budget, kept=kept_float(model, options))
         outcome = trial.run(())
         worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
         trials.append((worst, reduce_range, trial, outcome))
@@ -469,6 +496,7 @@ class _Trial:
     clip_weights: str = "max"
     target: str = "ort-cpu"
     dtypes: dict | None = None  # of `base`'s values, inferred on the first run
+    kept: tuple[str, ...] = ()  # --keep-float: float in every trial
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
         from onnxopt.passes import _qdq, quantize_int8
@@ -476,11 +504,12 @@ class _Trial:
         if self.dtypes is None:
             self.dtypes = _qdq.infer_dtypes(self.base)
         options = quantize_int8.QuantizeInt8Options(
-            ranges=self.ranges, exclude=exclude, reduce_range=self.reduce_range,
+            ranges=self.ranges, exclude=self.kept + exclude, reduce_range=self.reduce_range,
             clip_weights=self.clip_weights, target=self.target, dtypes=self.dtypes)
         report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
         if self.target == "ort-cpu" and len(list(report.model.graphs())) > 1:
-            _subgraphs_dynamic(report, self.reduce_range, self.clip_weights, exclude)
+            _subgraphs_dynamic(report, self.reduce_range, self.clip_weights,
+                               self.kept + exclude)
         feeds, reference = self.feeds[:batches], self.reference[:batches]
         checked, holds, why = self.budget.judge(report.model, reference, feeds)
         return _Outcome(report.model, report, checked, holds, why, exclude)
@@ -510,6 +539,7 @@ class _DynamicTrial:
     reference: list
     budget: Budget
     dtypes: dict | None = None  # of `base`'s values, inferred on the first run
+    kept: tuple[str, ...] = ()  # --keep-float: float in every trial
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> _Outcome:
         from onnxopt.passes import _qdq
@@ -520,7 +550,7 @@ class _DynamicTrial:
         model = self.base.clone()
         report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
             reduce_range=self.reduce_range, clip_weights=self.clip_weights,
-            exclude=exclude, dtypes=self.dtypes))(model)
+            exclude=self.kept + exclude, dtypes=self.dtypes))(model)
         checked, holds, why = self.budget.judge(model, self.reference[:batches],
                                                 self.feeds[:batches])
         return _Outcome(model, report, checked, holds, why, exclude)

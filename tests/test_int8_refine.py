@@ -532,3 +532,30 @@ def test_auto_tries_dynamic_when_static_needs_float_layers(tmp_path):
     else:
         assert "QuantizeLinear" in ops and "DynamicQuantizeMatMul" not in ops
     assert min(o.cosine for o in result.verification.outputs) >= 0.99
+
+
+# ---------------------------------------------------------------- --keep-float
+
+
+def test_keep_float_leaves_the_named_layers_float_and_says_so(tmp_path):
+    model, batches = small_cnn(3)
+    np.savez(tmp_path / "calib.npz", x=np.stack([b["x"] for b in batches]))
+    notes: list[str] = []
+    result = int8.quantize(model, int8.Int8Options(
+        calib=str(tmp_path / "calib.npz"), keep_float="conv[2-9], fc", check_speed=False,
+        equalize=False, budget=int8.Budget(None, None)), notes)
+    assert result.is_quantized, notes
+    assert any("kept float on request (--keep-float): 2 nodes: 'conv2', 'fc'" in n
+               for n in notes), notes
+    readers = {n.name: producer_op(n.inputs[1]) for n in result.model.graph
+               if n.op_type in ("Conv", "Gemm")}
+    assert readers == {"conv1": "DequantizeLinear", "conv2": None, "fc": None}
+
+
+def test_keep_float_that_names_nothing_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x.onnx"
+    code, _, err = invoke_cli(["optimize", DEFAULT, "-o", out, "--int8", "--calib", "random",
+                               "--keep-float", "no_such_node", "--bench", "none", "-q"],
+                              capsys, monkeypatch)
+    assert code == 2 and "--keep-float 'no_such_node' matches no node name" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
