@@ -75,63 +75,57 @@ def _rules(*, hardswish: bool, dtypes):
     from onnxscript.rewriter._basics import MatchResult
     from onnxscript.rewriter.rules.common import _fuse_hardswish as library
 
-    def relu6_of_x_plus_3(result: MatchResult, x, bias, clip_min, clip_max) -> MatchResult:
-        if not (_near(bias, 3.0) and _near(clip_min, 0.0) and _near(clip_max, 6.0)):
-            return result.fail("not Clip(x + 3, 0, 6)")
-        if dtypes.get(x.name, x.dtype) not in _KERNEL_DTYPES:
-            return result.fail("not float32/float16")
-        return result
+    class Relu6OfXPlus3(pattern.RewriteRuleClassBase):
+        """The check all four rules share: Clip(x + 3, 0, 6), then ÷6 (or ×1/6), on a dtype
+        ORT's CPU provider has the fused kernel for."""
 
-    def x_times_hard_sigmoid(op, x):
-        if hardswish:
-            return op.HardSwish(x)
-        return op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=0.5))
+        scale = 6.0  # what the last op divides by (Div) or multiplies by (Mul: 1/6)
 
-    class HardSwishDivided(pattern.RewriteRuleClassBase):
+        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
+            result = MatchResult()
+            if not (_near(bias, 3.0) and _near(clip_min, 0.0) and _near(clip_max, 6.0)):
+                return result.fail("not Clip(x + 3, 0, 6)")
+            if not _near(six, self.scale):
+                return result.fail(f"not scaled by {self.scale:g}")
+            if dtypes.get(x.name, x.dtype) not in _KERNEL_DTYPES:
+                return result.fail("not float32/float16")
+            return result
+
+    class HardSwishDivided(Relu6OfXPlus3):
         """x · Clip(x + 3, 0, 6) / 6."""
 
         def pattern(self, op, x, bias, clip_min, clip_max, six):
             return op.Div(op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), x), six)
 
-        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
-            return result if not result or _near(six, 6.0) else result.fail("not ÷6")
-
         def rewrite(self, op, x, bias, clip_min, clip_max, six):
-            return x_times_hard_sigmoid(op, x)
+            if hardswish:
+                return op.HardSwish(x)
+            return op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=0.5))
 
     class HardSwishScaled(HardSwishDivided):
         """x · Clip(x + 3, 0, 6) · (1/6)."""
 
+        scale = 1 / 6
+
         def pattern(self, op, x, bias, clip_min, clip_max, six):
             return op.Mul(op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), x), six)
 
-        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
-            return result if not result or _near(six, 1 / 6) else result.fail("not ×1/6")
-
-    class HardSigmoidScaled(pattern.RewriteRuleClassBase):
-        """Clip(x + 3, 0, 6) · (1/6)."""
-
-        def pattern(self, op, x, bias, clip_min, clip_max, six):
-            return op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), six)
-
-        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
-            return result if not result or _near(six, 1 / 6) else result.fail("not ×1/6")
-
-        def rewrite(self, op, x, bias, clip_min, clip_max, six):
-            return op.HardSigmoid(x, alpha=1 / 6, beta=0.5)
-
-    class HardSigmoidDivided(HardSigmoidScaled):
+    class HardSigmoidDivided(Relu6OfXPlus3):
         """Clip(x + 3, 0, 6) / 6."""
 
         def pattern(self, op, x, bias, clip_min, clip_max, six):
             return op.Div(op.Clip(op.Add(x, bias), clip_min, clip_max), six)
 
-        def check(self, op, x, bias, clip_min, clip_max, six) -> MatchResult:
-            result = relu6_of_x_plus_3(MatchResult(), x, bias, clip_min, clip_max)
-            return result if not result or _near(six, 6.0) else result.fail("not ÷6")
+        def rewrite(self, op, x, bias, clip_min, clip_max, six):
+            return op.HardSigmoid(x, alpha=1 / 6, beta=0.5)
+
+    class HardSigmoidScaled(HardSigmoidDivided):
+        """Clip(x + 3, 0, 6) · (1/6)."""
+
+        scale = 1 / 6
+
+        def pattern(self, op, x, bias, clip_min, clip_max, six):
+            return op.Mul(op.Clip(op.Add(x, bias), clip_min, clip_max), six)
 
     rules = [HardSwishDivided().rule(), HardSwishScaled().rule(),
              HardSigmoidDivided().rule(), HardSigmoidScaled().rule()]
