@@ -215,6 +215,11 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
     noise = float(np.sum(diff**2))
     signal = float(np.sum(a[finite] ** 2))
     sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    if diff.size and max(np.abs(a[finite]).max(), np.abs(b[finite]).max()) <= tol.atol:
+        # Both outputs are zero to within atol (PP-OCR det's sigmoid on random 32x32 inputs
+        # peaks at 3e-8): their direction is float noise, and a cosine of 0.45 would only
+        # mislead. They are the same output as far as any tolerance can tell.
+        cosine, sqnr = 1.0, math.inf
     reason = ""
     if cosine < tol.min_cosine:
         is_close, reason = False, f"cosine {cosine:.6f} < {tol.min_cosine}"

@@ -559,3 +559,19 @@ def test_keep_float_that_names_nothing_is_one_line(tmp_path, capsys, monkeypatch
                               capsys, monkeypatch)
     assert code == 2 and "--keep-float 'no_such_node' matches no node name" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_outputs_that_are_zero_within_atol_do_not_report_a_noise_cosine():
+    """A sigmoid saturated at 0 (values ~1e-8) differs only in float noise: cosine and SQNR of
+    that noise (0.45, -6 dB on PP-OCR det) must not be reported; a real difference still is."""
+    from onnxopt import verify
+
+    rng = np.random.default_rng(3)
+    noise_a = rng.uniform(0, 3e-8, 1024).astype(np.float32)
+    noise_b = rng.uniform(0, 3e-8, 1024).astype(np.float32)
+    [quiet] = verify.compare([{"p": noise_a}], [{"p": noise_b}])
+    assert quiet.is_close and quiet.cosine == 1.0 and quiet.sqnr_db == float("inf")
+    loud = noise_b.copy()
+    loud[7] = 0.5  # well past atol: compared as usual
+    [error] = verify.compare([{"p": noise_a}], [{"p": loud}])
+    assert not error.is_close and error.cosine < 0.1
