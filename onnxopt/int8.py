@@ -142,7 +142,7 @@ def quantize(
     `feeds` judge the dynamic model's budget (static holds out calibration batches)."""
     say = progress or (lambda _: None)
     _check_choices(options)
-    kept = kept_float(model, options)  # a pattern that names nothing fails before calibrating
+    kept = keep_float_names(model, options)  # a pattern naming nothing fails before calibrating
     if kept:
         shown = ", ".join(repr(n) for n in kept[:5]) + (", ..." if len(kept) > 5 else "")
         notes.append(f"kept float on request (--keep-float): {len(kept)} nodes: {shown}")
@@ -189,7 +189,7 @@ def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) ->
     return dynamic if ratio < 1.0 else static
 
 
-def kept_float(model: ir.Model, options: Int8Options) -> tuple[str, ...]:
+def keep_float_names(model: ir.Model, options: Int8Options) -> tuple[str, ...]:
     """The node names `--keep-float` selects (every graph); a pattern naming none is an error."""
     if not options.keep_float:
         return ()
@@ -229,7 +229,7 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
     reduce_range = False if options.target == "tensorrt" else _reduce_range(options, notes)
     trial = _Trial(base, ranges, reduce_range, check_batches,
                    verify.reference_outputs(model, check_batches), options.budget,
-                   options.clip_weights, options.target, kept=kept_float(base, options))
+                   options.clip_weights, options.target, kept=keep_float_names(base, options))
     say("inserting QDQ")
     result = trial.run(())
     if result.report.counts.get("quantized", 0) == 0:
@@ -389,7 +389,7 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     trials = []
     for reduce_range in choices:
         trial = _DynamicTrial(model, reduce_range, options.clip_weights, feeds, reference,
-                              options.budget, kept=kept_float(model, options))
+                              options.budget, kept=keep_float_names(model, options))
         outcome = trial.run(())
         worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
         trials.append((worst, reduce_range, trial, outcome))
