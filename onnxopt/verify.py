@@ -6,8 +6,9 @@ Metrics per output, worst over all batches:
 where a is the reference. An output is close when |a - b| <= atol + rtol |a| everywhere (NaN equal
 to NaN), the rule of numpy.isclose, and its cosine reaches the tolerance's `min_cosine`.
 Integer and bool outputs must be equal; their `cosine` is the share of equal elements (what a
-lossy budget bounds: an argmax output that changes in 1 place of 1000 scores 0.999). Score-like outputs (float, rank >= 2) also get top-1 and
-top-5 agreement of the argmax over their last axis.
+lossy budget bounds: an argmax output that changes in 1 place of 1000 scores 0.999).
+Score-like outputs (float, rank >= 2) also get top-1 and top-5 agreement of the argmax over
+their last axis.
 
 Both models run with ORT's graph optimizations off, so ORT's own fusions cannot hide (or cause)
 a difference: we compare the graphs as written. The float32 noise floor of a model is what ORT's

@@ -9,9 +9,9 @@ reads the tensor once: 1.6 ms -> 1.0 ms on a [1, 32, 160, 160] tensor here, and 
 24 of them. Matching and replacing is onnxscript's rewriter, with our rules (÷6 or ×1/6, and
 opsets without HardSwish) plus its HardSigmoid · x -> HardSwish; they fire only when the
 intermediate values feed nothing else, and only on float32/float16 tensors (ORT's CPU
-provider has no float64 HardSigmoid/HardSwish). The result differs from the spelled-out form by float rounding
-(HardSigmoid computes x/6 + 0.5 where the export computed (x + 3)/6), within the pipeline's
-tolerance.
+provider has no float64 HardSigmoid/HardSwish). The result differs from the spelled-out
+form by float rounding (HardSigmoid computes x/6 + 0.5 where the export computed (x + 3)/6),
+within the pipeline's tolerance.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _FUSED = ("HardSwish", "HardSigmoid")
 
 
 class FuseActivationsPass(ir.passes.InPlacePass):
-    """Fuse spelled-out hard-swish / hard-sigmoid (Add, Clip, Mul, Div) into HardSwish / HardSigmoid."""
+    """Fuse spelled-out hard-swish / hard-sigmoid (Add, Clip, Mul, Div) into one op."""
 
     name = "fuse-activations"
     lossy = False
