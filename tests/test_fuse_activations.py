@@ -28,7 +28,7 @@ def _hardswish_model(*, opset: int, scale_by_mul: bool = False, clip_max: float 
              helper.make_node("Mul", ["x1", "c"], ["m"]),
              last,
              helper.make_node("Conv", ["h", "w2"], ["y"])]
-    outputs = [value_info("y", None)] + ([value_info("c", None)] if extra_output else [])
+    outputs = [value_info("y", [2, 4, 5, 5])] + ([value_info("c", SHAPE)] if extra_output else [])
     inits = [tensor("w1", rng.standard_normal((8, 8, 3, 3)) * 0.5),
              tensor("w2", rng.standard_normal((4, 8, 1, 1))),
              tensor("three", 3.0), tensor("zero", 0.0), tensor("clip_max", clip_max),
@@ -127,3 +127,35 @@ def test_float64_is_left_alone():
     assert not report.modified and op_count(fused, "Clip") == 1
     feeds = {"x": _feeds()["x"].astype(np.float64)}
     np.testing.assert_array_equal(run(model, feeds)[0], run(fused, feeds)[0])
+
+
+def test_int8_of_a_hardswish_cnn_fuses_the_activation_and_quantizes_the_conv(
+        tmp_path, capsys, monkeypatch):
+    """The whole `optimize --int8 --calib` path on a Paddle-style Conv -> hard-swish -> Conv:
+    the activation becomes one op between the quantized Convs, the outputs stay close."""
+    import json
+
+    import onnx
+    from helpers import invoke_cli
+
+    model = _hardswish_model(opset=13)
+    src, out, calib = tmp_path / "hs.onnx", tmp_path / "int8.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(4)
+    np.savez(calib, x=rng.uniform(-6, 6, [10, *SHAPE]).astype(np.float32))
+    code, _, err = invoke_cli(["optimize", src, "-o", out, "--int8", "--calib", calib,
+                               "--allow-slower", "--bench", "none", "-q",
+                               "--report", tmp_path / "r.json"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["int8"]["quantized"] is True, report["notes"]
+    # The first Conv runs in int8; the last one writes the graph output, which stays float by
+    # design (a uint8 pair there would feed nothing), so ORT keeps it a float Conv.
+    kernels = report["int8"]["kernels"]
+    assert kernels.get("QLinearConv") == 1
+    assert kernels.get("Conv", 0) + kernels.get("FusedConv", 0) == 1
+    written = onnx.load(str(out))
+    assert op_count(written, "HardSigmoid") == 1 and op_count(written, "Clip") == 0
+    feeds = {"x": rng.uniform(-6, 6, SHAPE).astype(np.float32)}
+    want, got = run(model, feeds)[0].ravel(), run(written, feeds)[0].ravel()
+    assert float(want @ got / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.99
