@@ -111,6 +111,9 @@ def optimize(
         help="Correct int8 mean output shifts (default: kept where it helps).")] = None,
     equalize: Annotated[bool, typer.Option(
         help="Cross-layer equalization of Conv -> Relu -> Conv before int8.")] = True,
+    smooth: Annotated[Optional[bool], typer.Option(
+        "--smooth/--no-smooth",
+        help="SmoothQuant before dynamic int8 (default: kept where it helps).")] = None,
     keep_float: Annotated[Optional[str], typer.Option(
         help="int8: node names to keep float, comma-separated regular expressions.")] = None,
     transfer_from: Annotated[Optional[str], typer.Option(
@@ -125,7 +128,7 @@ def optimize(
                                         check_speed=not allow_slower, mode=quant_mode,
                                         target=target, clip_weights=clip_weights,
                                         bias_correction=bias_correction, equalize=equalize,
-                                        keep_float=keep_float)
+                                        keep_float=keep_float, smooth=smooth)
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,

@@ -115,6 +115,9 @@ class Int8Options:
     # Cross-layer equalization of Conv -> Relu -> Conv before calibrating: exact, and measured
     # to help (PP-OCR rec held-out cosine 0.90 -> 0.94, the default model 0.99991 -> 0.99992).
     equalize: bool = True
+    # SmoothQuant before dynamic int8 (needs --calib for per-channel activation ranges):
+    # None: measured both ways, kept where the worst output is closer to fp32; True/False force.
+    smooth: bool | None = None
 
 
 @dataclasses.dataclass
@@ -152,7 +155,11 @@ def quantize(
         if options.target == "tensorrt":
             raise BadInputError("--target tensorrt needs static int8: pass --calib DATA "
                                 "(TensorRT has no dynamic int8)")
-        return quantize_dynamic(model, options, feeds or [], notes, progress=say)
+        if options.calib is None:
+            return quantize_dynamic(model, options, feeds or [], notes, progress=say)
+        calib_batches, check_batches = _split_data(model, options, notes)
+        return quantize_dynamic(model, options, check_batches, notes, progress=say,
+                                calib_batches=calib_batches)
     _check(options)
     calib_batches, check_batches = _split_data(model, options, notes)
     result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
@@ -169,7 +176,7 @@ def quantize(
     notes.append(f"static int8 {why}; tried dynamic int8 of the MatMul/Gemm weights, "
                  "judged on the held-out calibration batches")
     dynamic = quantize_dynamic(model, options, check_batches, notes, progress=say,
-                               after_static=True)
+                               after_static=True, calib_batches=calib_batches)
     if not dynamic.is_quantized:
         return result
     if not result.is_quantized:
@@ -372,33 +379,20 @@ def _slower(float_model: ir.Model, int8_model: ir.Model, feeds) -> str:
 
 
 def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: list[str], *,
-                     progress: Callable[[str], None], after_static: bool = False) -> Int8Result:
+                     progress: Callable[[str], None], after_static: bool = False,
+                     calib_batches: list | None = None) -> Int8Result:
     """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
-    (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster."""
+    (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster.
+    With `calib_batches`, SmoothQuant is tried as well (per-channel activation ranges)."""
     from onnxopt.passes import quantize_int8
 
     progress("dynamic int8 of MatMul/Gemm weights")
     if not feeds:
         raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
                             "--no-verify, or pass --inputs")
-    reference = verify.reference_outputs(model, feeds)
-    # 7-bit weights avoid int16 saturation without VNNI, but cost precision; with activations
-    # quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8 bits, 0.72 at
-    # 7), so unless told, both are measured and the closer one is kept.
-    choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
-    trials = []
-    for reduce_range in choices:
-        trial = _DynamicTrial(model, reduce_range, options.clip_weights, feeds, reference,
-                              options.budget, kept=keep_float_names(model, options))
-        outcome = trial.run(())
-        worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
-        trials.append((worst, reduce_range, trial, outcome))
-        if not outcome.report.counts.get("quantized"):
-            break
-    _, reduce_range, trial, outcome = max(trials, key=lambda t: t[0])
-    if outcome.report.counts.get("quantized") and not outcome.holds:
-        progress("finding the MatMuls that break the budget")
-        outcome = _fall_back(trial, outcome, notes)
+    variants, smoothed = _dynamic_variants(model, options, feeds, calib_batches)
+    chosen, outcome = _chosen_variant(variants, smoothed, notes, progress)
+    reduce_range = chosen.reduce_range
     quantized, report, checked = outcome.model, outcome.report, outcome.verification
     holds, why = outcome.holds, outcome.why
     if reduce_range:
@@ -406,7 +400,8 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
                      "on this CPU")
     convs = sum(1 for n in model.graph if n.op_type == "Conv")
     if convs and not after_static:
-        notes.append(f"pass --calib for static int8 of the {convs} Conv layers (dynamic int8 "
+        how = "--quant-mode auto or static" if calib_batches else "pass --calib"
+        notes.append(f"{how} for static int8 of the {convs} Conv layers (dynamic int8 "
                      "covers MatMul/Gemm only: quantizing activations at run time does not pay "
                      "for convolutions on CPU)")
     if not report.counts.get("quantized"):
@@ -422,6 +417,84 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
         return _kept_float(model, outcome, 0, kernels, why=f"slower: {slower}")
     return Int8Result(quantized, True, checked, kernels, 0, list(report.log), dict(report.counts),
                       kept_float=len(outcome.excluded))
+
+
+@dataclasses.dataclass
+class _Variant:
+    """One way to quantize dynamically: its best weight width and its all-int8 outcome."""
+
+    worst: float  # the worst output's cosine with every candidate int8
+    reduce_range: bool
+    trial: _DynamicTrial
+    outcome: _Outcome
+    smoothed: bool
+
+
+def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
+                      calib_batches: list | None) -> tuple[list[_Variant], int]:
+    """The plain variant and, with calibration data, a SmoothQuant one (per-tensor activation
+    scales lose the small channels next to a few outlier ones); how many activations smoothing
+    rescaled. 7-bit weights avoid int16 saturation without VNNI but cost precision, and with
+    activations quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8
+    bits, 0.72 at 7), so unless told, each variant keeps the closer of the two widths."""
+    from onnxopt import smoothing
+
+    reference = verify.reference_outputs(model, feeds)
+    choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
+    kept = keep_float_names(model, options)
+
+    def measured(base: ir.Model, smoothed: bool) -> _Variant:
+        found = []
+        for reduce_range in choices:
+            trial = _DynamicTrial(base, reduce_range, options.clip_weights, feeds, reference,
+                                  options.budget, kept=kept)
+            outcome = trial.run(())
+            worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
+            found.append(_Variant(worst, reduce_range, trial, outcome, smoothed))
+            if not outcome.report.counts.get("quantized"):
+                break
+        return max(found, key=lambda v: v.worst)
+
+    plain = measured(model, False)
+    layers = [m[1] for line in plain.outcome.report.log if (m := _QUANTIZED.match(line))]
+    if not calib_batches or not layers or options.smooth is False:
+        return [plain], 0
+    base, count = smoothing.smoothed(model, layers, calib_batches)
+    if not count:
+        return [plain], 0
+    smooth = measured(base, True)
+    return ([smooth] if options.smooth else [plain, smooth]), count
+
+
+def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
+                    progress: Callable[[str], None]) -> tuple[_Variant, _Outcome]:
+    """The variant whose all-int8 model holds the budget closest to fp32; when none holds,
+    the one whose fallback keeps the fewest layers float (then: the better worst SQNR)."""
+    from onnxopt import smoothing
+
+    if count:
+        worst = {v.smoothed: v.worst for v in variants}
+        shown = " -> ".join(f"{worst[k]:.4f}" for k in (False, True) if k in worst)
+        notes.append(f"SmoothQuant (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul "
+                     f"groups: worst-output cosine {shown} with all int8")
+    holding = [v for v in variants if v.outcome.holds]
+    if holding or not variants[0].outcome.report.counts.get("quantized"):
+        chosen = max(holding or variants, key=lambda v: v.worst)
+        return chosen, chosen.outcome
+    progress("finding the MatMuls that break the budget")
+    tried = []
+    for variant in variants:
+        said: list[str] = []
+        outcome = _fall_back(variant.trial, variant.outcome, said)
+        tried.append((outcome.holds, -len(outcome.excluded), outcome.score, variant, outcome,
+                      said))
+    *_, chosen, outcome, said = max(tried, key=lambda t: t[:3])
+    if len(tried) > 1:
+        floats = {t[3].smoothed: -t[1] for t in tried}
+        notes.append(f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: the budget "
+                     f"needed {floats[True]} layers float with it, {floats[False]} without")
+    notes.extend(said)
+    return chosen, outcome
 
 
 def _check(options: Int8Options) -> None:
