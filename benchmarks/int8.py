@@ -10,7 +10,7 @@ disjoint from the evaluation set, and the same method:
   * digits_resnet: the first 64 bundled samples (`digits_samples.npz` 'image'); evaluation: the
     other 192, top-1 against 'label';
   * ppocr_*: `real_models.eval_set(name, SEED_CALIB)` (64 crops / 64 lines / 8 pages); evaluation:
-    `eval_set(name, SEED_EVAL)` (200 / 200 / 8);
+    `eval_set(name, SEED_EVAL)` (200 / 1000 / 8);
   * minilm_ts: 64 stdlib first sentences that are in no evaluation pair, seq 64; evaluation: the
     375 next-sentence pairs (embeddings of both sides).
 Calibration data is written once per model as stacked batch-1 samples: an .npz, or, when the

@@ -635,26 +635,34 @@ _MAX_FALLBACK = 0.5  # past half the layers in float, int8 has nothing left to o
 
 def _fall_back(trial: _Trial, full: _Outcome, notes: list[str]) -> _Outcome:
     """Sensitivity: each quantized layer alone back in float (one held-out batch), ranked by the
-    SQNR it wins back; then the worst 1, 2, 4, ... go back to float until the budget holds.
+    SQNR it wins back; then the worst 1, 2, 4, ... go back to float until the budget holds, and
+    a bisection between the last count that missed and the first that held finds the fewest.
     When error is spread over many layers no short list wins it back; then the longest prefix
     of the network (graph order) that holds the budget stays int8, the rest float."""
     names = [m[1] for line in full.report.log if (m := _QUANTIZED.match(line))]
     gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
     order = sorted(names, key=lambda n: -gains[n])
     limit = max(1, int(len(order) * _MAX_FALLBACK))
-    count = 1
+    missed, count = 0, 1  # all int8 (0 back in float) missed the budget
     while True:  # 1, 2, 4, ... of the worst back to float: log(n) checks, not n
-        excluded = order[:min(count, limit)]
-        outcome = trial.run(tuple(excluded))
+        count = min(count, limit)
+        outcome = trial.run(tuple(order[:count]))
         if outcome.holds:
-            shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in excluded)
-            notes.append(f"kept float to hold the accuracy budget ({full.why} when all were "
-                         f"int8): {shown}")
-            return outcome
-        if count >= limit:
             break
-        count *= 2
-    return _longest_prefix(trial, full, names, notes)
+        if count >= limit:
+            return _longest_prefix(trial, full, names, notes)
+        missed, count = count, count * 2
+    while count - missed > 1:  # holding is close to monotone in the count: bisect
+        middle = (missed + count) // 2
+        candidate = trial.run(tuple(order[:middle]))
+        if candidate.holds:
+            count, outcome = middle, candidate
+        else:
+            missed = middle
+    shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in order[:count])
+    notes.append(f"kept float to hold the accuracy budget ({full.why} when all were "
+                 f"int8): {shown}")
+    return outcome
 
 
 def _longest_prefix(trial: _Trial, full: _Outcome, names: list[str], notes) -> _Outcome:

@@ -332,6 +332,35 @@ def test_spread_error_keeps_the_longest_prefix_that_holds():
     assert "the last 4 of 10 quantized layers, from 'layer6' on; the first 6 stay int8" in notes[0]
 
 
+def test_fallback_bisects_to_the_fewest_layers_back_in_float():
+    """The budget holds once the 3 culprits are float: doubling finds 4 (1, 2 miss), the
+    bisection between 2 and 4 brings it to exactly the 3 culprits."""
+    from types import SimpleNamespace
+
+    names = [f"layer{i}" for i in range(12)]
+    culprits = {"layer2", "layer5", "layer9"}
+
+    def outcome(exclude) -> int8._Outcome:
+        missing = len(culprits - set(exclude))
+        checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - 10 * missing)])
+        report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names])
+        return int8._Outcome(tuple(exclude), report, checked, missing == 0,
+                             "" if missing == 0 else "y: cosine 0.9 < 0.99", tuple(exclude))
+
+    runs: list[tuple] = []
+
+    class Stub:
+        def run(self, exclude, *, batches=None):
+            runs.append(tuple(exclude))
+            return outcome(exclude)
+
+    notes: list[str] = []
+    best = int8._fall_back(Stub(), outcome(()), notes)
+    assert best.holds and set(best.excluded) == culprits
+    assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4  # 1, 2, 4, then 3
+    assert all(f"'{n}'" in notes[0] for n in culprits) and notes[0].count("dB)") == 3
+
+
 def test_dynamic_int8_keeps_the_sensitive_matmul_float_to_hold_the_budget(tmp_path):
     """x has one huge channel that the first MatMul ignores (weight row 0): quantizing x per
     call to uint8 wipes out the others, so that MatMul stays float; the second is int8."""
