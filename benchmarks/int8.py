@@ -74,7 +74,8 @@ CALIB_COUNT = {"digits_resnet": 64, "ppocr_cls": 64, "ppocr_rec": 64, "ppocr_det
 TOOLS = ("onnxopt", "onnxopt-op13", "ort", "ort-rr")
 # onnxopt with other settings, to measure what each refinement brings (--tools onnxopt,onnxopt-noeq)
 VARIANTS = {"onnxopt-nobc": ("--no-bias-correction",), "onnxopt-noeq": ("--no-equalize",),
-            "onnxopt-clip": ("--clip-weights", "mse"), "onnxopt-nobudget": ("--max-error", "none")}
+            "onnxopt-clip": ("--clip-weights", "mse"), "onnxopt-nobudget": ("--max-error", "none"),
+            "onnxopt-nosmooth": ("--no-smooth",)}
 # onnxopt-op13: onnxopt on the model upgraded to opset 13 first (only for opset < 13 models);
 # ort-rr: ORT's tool with reduce_range=True (7-bit weights)
 stderr = Console(stderr=True)

@@ -181,7 +181,7 @@ def test_int8_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
     from helpers import make_model, tensor, to_ir, value_info
     from onnx import helper
 
-    monkeypatch.setattr(int8, "_slower", lambda *args: "2.00x the float latency, 95% CI 1.9-2.1")
+    monkeypatch.setattr(int8, "slower", lambda *args: "2.00x the float latency, 95% CI 1.9-2.1")
     rng = np.random.default_rng(2)
     proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
                        [value_info("x", ["N", 8])], [value_info("y", ["N", 4])],

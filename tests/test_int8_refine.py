@@ -25,7 +25,7 @@ from onnxopt.passes import EqualizeCrossLayerPass, _qdq
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass, quantizable_tensors
 from test_quantize_int8 import cosine, small_cnn
 
-from onnxopt import api, bias_correction, int8
+from onnxopt import api, bias_correction, int8, int8_budget
 from onnxopt.calibrate import collect_stats
 
 DEFAULT = str(api.default_model_path())
@@ -323,11 +323,11 @@ def test_spread_error_keeps_the_longest_prefix_that_holds():
     class Stub:  # holds when at least the last 4 layers are float, whatever else
         def run(self, exclude, *, batches=None):
             holds = set(names[6:]) <= set(exclude)
-            return int8._Outcome(f"model-{len(exclude)}", None, None, holds, "" if holds else "x")
+            return int8_budget.Outcome(f"model-{len(exclude)}", None, None, holds, "" if holds else "x")
 
     notes: list[str] = []
-    full = int8._Outcome("full", None, None, False, "y: cosine 0.9 < 0.99")
-    best = int8._longest_prefix(Stub(), full, names, notes)
+    full = int8_budget.Outcome("full", None, None, False, "y: cosine 0.9 < 0.99")
+    best = int8_budget.longest_prefix(Stub(), full, names, notes)
     assert best.holds and best.model == "model-4"
     assert "the last 4 of 10 quantized layers, from 'layer6' on; the first 6 stay int8" in notes[0]
 
@@ -340,11 +340,11 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
     names = [f"layer{i}" for i in range(12)]
     culprits = {"layer2", "layer5", "layer9"}
 
-    def outcome(exclude) -> int8._Outcome:
+    def outcome(exclude) -> int8_budget.Outcome:
         missing = len(culprits - set(exclude))
         checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - 10 * missing)])
         report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names])
-        return int8._Outcome(tuple(exclude), report, checked, missing == 0,
+        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
                              "" if missing == 0 else "y: cosine 0.9 < 0.99", tuple(exclude))
 
     runs: list[tuple] = []
@@ -355,7 +355,7 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
             return outcome(exclude)
 
     notes: list[str] = []
-    best = int8._fall_back(Stub(), outcome(()), notes)
+    best = int8_budget.fall_back(Stub(), outcome(()), notes)
     assert best.holds and set(best.excluded) == culprits
     assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4  # 1, 2, 4, then 3
     assert all(f"'{n}'" in notes[0] for n in culprits) and notes[0].count("dB)") == 3

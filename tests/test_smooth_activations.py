@@ -10,12 +10,13 @@ import onnx_ir as ir
 import pytest
 from helpers import assert_same_outputs, make_model, op_count, run, tensor, to_ir, value_info
 from onnx import helper
-from onnxopt import int8, smoothing
-from onnxopt.cli import app
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
 from typer.testing import CliRunner
+
+from onnxopt import int8, smoothing
+from onnxopt.cli import app
 
 K, N = 64, 128  # 8192-element weights: above quantize-dynamic's min_weight_elements
 OUTLIERS = (3, 17, 40)  # input channels 50x larger than the rest, as after LayerNorm in BERT

@@ -1,0 +1,165 @@
+"""Dynamic int8 (`--int8` without `--calib`, or when static int8 does not pay): MatMul/Gemm
+weights int8 per column, activations quantized by ORT at run time (DynamicQuantizeMatMul).
+
+Variants measured against fp32 on the budget's batches: 8- or 7-bit weights (reduce_range), and
+with calibration data the same on a SmoothQuant copy (`onnxopt.smoothing`); the closest to fp32
+is kept, or, when none holds the budget with every layer int8, the one whose fallback keeps the
+fewest layers float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from onnxopt import smoothing, verify
+from onnxopt.errors import BadInputError
+from onnxopt.int8_budget import Budget, Outcome, fall_back, quantized_layers, slower
+from onnxopt.int8_options import Int8Options, Int8Result, keep_float_names, kept_float
+
+__all__ = ["quantize_dynamic"]
+
+
+def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: list[str], *,
+                     progress: Callable[[str], None], after_static: bool = False,
+                     calib_batches: list | None = None) -> Int8Result:
+    """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
+    (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster.
+    With `calib_batches`, SmoothQuant is tried as well (per-channel activation ranges)."""
+    from onnxopt.passes import quantize_int8
+
+    progress("dynamic int8 of MatMul/Gemm weights")
+    if not feeds:
+        raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
+                            "--no-verify, or pass --inputs")
+    variants, smoothed = _dynamic_variants(model, options, feeds, calib_batches)
+    chosen, outcome = _chosen_variant(variants, smoothed, notes, progress)
+    reduce_range = chosen.reduce_range
+    quantized, report, checked = outcome.model, outcome.report, outcome.verification
+    holds, why = outcome.holds, outcome.why
+    if reduce_range:
+        notes.append("dynamic int8 with 7-bit weights (reduce_range): measured closer to fp32 "
+                     "on this CPU")
+    convs = sum(1 for n in model.graph if n.op_type == "Conv")
+    if convs and not after_static:
+        how = "--quant-mode auto or static" if calib_batches else "pass --calib"
+        notes.append(f"{how} for static int8 of the {convs} Conv layers (dynamic int8 "
+                     "covers MatMul/Gemm only: quantizing activations at run time does not pay "
+                     "for convolutions on CPU)")
+    if not report.counts.get("quantized"):
+        notes.append("int8 (dynamic): no MatMul/Gemm with a large constant weight; kept float")
+        return kept_float(model, outcome, 0, {}, why="nothing to quantize without --calib")
+    kernels = quantize_int8.ort_kernel_counts(ir.to_proto(quantized).SerializeToString())
+    if not holds:
+        notes.append(f"int8 (dynamic) missed the accuracy budget ({why}); kept the float model")
+        return kept_float(model, outcome, 0, kernels)
+    too_slow = slower(model, quantized, feeds[0]) if options.check_speed else ""
+    if too_slow:
+        notes.append(f"int8 (dynamic) ran slower than float on ORT CPU ({too_slow}); kept float")
+        return kept_float(model, outcome, 0, kernels, why=f"slower: {too_slow}")
+    return Int8Result(quantized, True, checked, kernels, 0, list(report.log), dict(report.counts),
+                      kept_float=len(outcome.excluded))
+
+
+@dataclasses.dataclass
+class _Variant:
+    """One way to quantize dynamically: its best weight width and its all-int8 outcome."""
+
+    worst: float  # the worst output's cosine with every candidate int8
+    reduce_range: bool
+    trial: _DynamicTrial
+    outcome: Outcome
+    smoothed: bool
+
+
+def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
+                      calib_batches: list | None) -> tuple[list[_Variant], int]:
+    """The plain variant and, with calibration data, a SmoothQuant one (per-tensor activation
+    scales lose the small channels next to a few outlier ones); how many activations smoothing
+    rescaled. 7-bit weights avoid int16 saturation without VNNI but cost precision, and with
+    activations quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8
+    bits, 0.72 at 7), so unless told, each variant keeps the closer of the two widths."""
+    reference = verify.reference_outputs(model, feeds)
+    choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
+    kept = keep_float_names(model, options)
+
+    def measured(base: ir.Model, smoothed: bool) -> _Variant:
+        found = []
+        for reduce_range in choices:
+            trial = _DynamicTrial(base, reduce_range, options.clip_weights, feeds, reference,
+                                  options.budget, kept=kept)
+            outcome = trial.run(())
+            worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
+            found.append(_Variant(worst, reduce_range, trial, outcome, smoothed))
+            if not outcome.report.counts.get("quantized"):
+                break
+        return max(found, key=lambda v: v.worst)
+
+    plain = measured(model, False)
+    layers = quantized_layers(plain.outcome.report.log)
+    if not calib_batches or not layers or options.smooth is False:
+        return [plain], 0
+    base, count = smoothing.smoothed(model, layers, calib_batches)
+    if not count:
+        return [plain], 0
+    smooth = measured(base, True)
+    return ([smooth] if options.smooth else [plain, smooth]), count
+
+
+def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
+                    progress: Callable[[str], None]) -> tuple[_Variant, Outcome]:
+    """The variant whose all-int8 model holds the budget closest to fp32; when none holds,
+    the one whose fallback keeps the fewest layers float (then: the better worst SQNR)."""
+    if count:
+        worst = {v.smoothed: v.worst for v in variants}
+        shown = " -> ".join(f"{worst[k]:.4f}" for k in (False, True) if k in worst)
+        notes.append(f"SmoothQuant (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul "
+                     f"groups: worst-output cosine {shown} with all int8")
+    holding = [v for v in variants if v.outcome.holds]
+    if holding or not variants[0].outcome.report.counts.get("quantized"):
+        chosen = max(holding or variants, key=lambda v: v.worst)
+        return chosen, chosen.outcome
+    progress("finding the MatMuls that break the budget")
+    tried = []
+    for variant in variants:
+        said: list[str] = []
+        outcome = fall_back(variant.trial, variant.outcome, said)
+        tried.append((outcome.holds, -len(outcome.excluded), outcome.score, variant, outcome,
+                      said))
+    *_, chosen, outcome, said = max(tried, key=lambda t: t[:3])
+    if len(tried) > 1:
+        floats = {t[3].smoothed: -t[1] for t in tried}
+        notes.append(f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: the budget "
+                     f"needed {floats[True]} layers float with it, {floats[False]} without")
+    notes.extend(said)
+    return chosen, outcome
+
+
+@dataclasses.dataclass
+class _DynamicTrial:
+    """Dynamic int8 of a copy of `base` with some MatMul/Gemm kept float, judged on `feeds`."""
+
+    base: ir.Model
+    reduce_range: bool
+    clip_weights: str
+    feeds: list
+    reference: list
+    budget: Budget
+    dtypes: dict | None = None  # of `base`'s values, inferred on the first run
+    kept: tuple[str, ...] = ()  # --keep-float: float in every trial
+
+    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> Outcome:
+        from onnxopt.passes import _qdq
+        from onnxopt.passes import quantize_dynamic as dynamic
+
+        if self.dtypes is None:
+            self.dtypes = _qdq.infer_dtypes(self.base)
+        model = self.base.clone()
+        report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
+            reduce_range=self.reduce_range, clip_weights=self.clip_weights,
+            exclude=self.kept + exclude, dtypes=self.dtypes))(model)
+        checked, holds, why = self.budget.judge(model, self.reference[:batches],
+                                                self.feeds[:batches])
+        return Outcome(model, report, checked, holds, why, exclude)
