@@ -27,6 +27,8 @@ Tools, each in a fresh subprocess (wall time and VmHWM peak RSS of the subproces
      that fails is recorded (pre-processing failing falls back to the original file);
      `ort-rr`: the same with reduce_range=True (7-bit weights), what ORT advises on x86 CPUs
      without VNNI, where full 8-bit u8 x s8 products saturate int16 (onnxopt decides this itself);
+     `ort-s8s8` (not run by default): int8 activations, the activation type TensorRT and some
+     CPU guides use, to measure why onnxopt's ort-cpu target keeps uint8 activations;
   `onnxopt-op13` (models older than opset 13 only): onnxopt on the model upgraded to opset 13
      beforehand with onnx.version_converter (a workaround row: see the int8 findings);
   3. fp32: the original.
@@ -124,8 +126,9 @@ def _peak_rss_mb() -> float | None:
 
 
 def ort_child(result_path: str, src: str, dst: str, calib: str, method: str,
-              reduce_range: str = "0") -> None:
-    """quant_pre_process -> opset 13 -> quantize_static; per-step seconds and errors, VmHWM."""
+              variant: str = "ort") -> None:
+    """quant_pre_process -> opset 13 -> quantize_static; per-step seconds and errors, VmHWM.
+    `variant`: ort (uint8 activations), ort-rr (7-bit weights), ort-s8s8 (int8 activations)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -161,8 +164,9 @@ def ort_child(result_path: str, src: str, dst: str, calib: str, method: str,
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
         mark = time.perf_counter()
         quantize_static(current, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        reduce_range=reduce_range == "1",
+                        activation_type=(QuantType.QInt8 if variant == "ort-s8s8"
+                                         else QuantType.QUInt8),
+                        weight_type=QuantType.QInt8, reduce_range=variant == "ort-rr",
                         calibrate_method={"minmax": CalibrationMethod.MinMax,
                                           "entropy": CalibrationMethod.Entropy}[method])
         result["steps"]["quantize_static_s"] = time.perf_counter() - mark
@@ -386,10 +390,10 @@ def run_onnxopt(name: str, src: Path, calib: Path, method: str, work: Path, time
 
 
 def run_ort(src: Path, calib: Path, method: str, work: Path, timeout: float,
-            reduce_range: bool = False) -> dict:
+            variant: str = "ort") -> dict:
     out, result = work / "ort.onnx", work / "ort.result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ort-child", str(result), str(src),
-           str(out), str(calib), method, "1" if reduce_range else "0"]
+           str(out), str(calib), method, variant]
     proc, wall = lossless.timed_process(cmd, work / "ort.log", timeout)
     data = json.loads(result.read_text()) if result.is_file() else {}
     tail = " | ".join((work / "ort.log").read_text(errors="replace").strip().splitlines()[-3:])
@@ -478,7 +482,7 @@ def bench_model(name: str, methods: list[str], args, work: Path) -> dict:
                 row = (run_onnxopt(name, src, calib, method, folder, args.timeout,
                                    VARIANTS.get(tool, ()))
                        if tool == "onnxopt" or tool in VARIANTS
-                       else run_ort(src, calib, method, folder, args.timeout, tool == "ort-rr"))
+                       else run_ort(src, calib, method, folder, args.timeout, tool))
             if row.get("output"):
                 row["file_mb"] = os.path.getsize(row["output"]) / 2**20
                 say(f"{key}: evaluating")
@@ -673,7 +677,9 @@ def parse_args(argv=None):
                         "minmax,entropy (both tools run each)")
     parser.add_argument("--tools", type=lambda s: s.split(","), default=list(TOOLS),
                         help="onnxopt, ort (quantize_static as specified), ort-rr (the same "
-                        "with reduce_range=True, what ORT advises on CPUs without VNNI)")
+                        "with reduce_range=True, what ORT advises on CPUs without VNNI), "
+                        "ort-s8s8 (int8 activations), onnxopt variants: "
+                        + ", ".join(VARIANTS))
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per model")
     parser.add_argument("--calib-samples", type=int, help="override the per-model sample count")
     parser.add_argument("--memory-samples", default="32,512",
@@ -682,7 +688,11 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=f"benchmarks/results/int8-{today}.json")
     parser.add_argument("--keep", help="keep the quantized models and logs in this folder")
     parser.add_argument("--render", metavar="JSON", help="print the tables of a saved run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.tools if t not in (*TOOLS, "ort-s8s8", *VARIANTS)]
+    if unknown:
+        parser.error(f"--tools: unknown {', '.join(unknown)}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -704,7 +714,7 @@ def main(argv=None) -> int:
             "settings": {"methods": methods, "seconds": args.seconds, "memory": memory,
                          "ort": "quant_pre_process(skip_symbolic_shape=True), opset->13, "
                                 "quantize_static(QDQ, per_channel, QUInt8 act, QInt8 weights, "
-                                "reduce_range=False; ort-rr: True)",
+                                "reduce_range=False; ort-rr: True; ort-s8s8: QInt8 act)",
                          "timing": "CPU, ORT_ENABLE_ALL, 1 intra-op thread, spinning off, "
                                    "batch 1, interleaved shuffled rounds"},
             "models": [], "memory": []}

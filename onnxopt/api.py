@@ -182,6 +182,14 @@ def _checker(original: ir.Model, feeds, options: OptimizeOptions):
     return pipeline.Checker(feeds, reference, options.tolerance, floor), None
 
 
+def _calibration_summary(result: int8.Int8Result, options: int8.Int8Options) -> str:
+    if result.mode == "dynamic" and result.calibration_batches:
+        return f"dynamic int8; {result.calibration_batches} calibration batches"
+    if result.mode == "dynamic" or not result.calibration_batches:
+        return "none: dynamic int8"
+    return f"{result.calibration_batches} batches, {options.calib_method}"
+
+
 def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say):
     """Run --int8 on the exactly rewritten model: (model, verification, report summary)."""
     if not feeds and options.int8.calib is None:
@@ -195,8 +203,7 @@ def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say
                                  counts=result.counts))
     summary = {
         "quantized": result.is_quantized,
-        "calibration": (f"{result.calibration_batches} batches, {options.int8.calib_method}"
-                        if result.calibration_batches else "none: dynamic int8"),
+        "calibration": _calibration_summary(result, options.int8),
         "budget": result.verification.reason or "held",
         "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
         "kernels": result.kernels,

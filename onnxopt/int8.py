@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
 
 from onnxopt import calibrate, pipeline, verify
 from onnxopt.errors import BadInputError
@@ -78,6 +79,7 @@ def quantize(
     `feeds` judge the dynamic model's budget (static holds out calibration batches)."""
     say = progress or (lambda _: None)
     check_choices(options)
+    model = _named(model)
     kept = keep_float_names(model, options)  # a pattern naming nothing fails before calibrating
     if kept:
         shown = ", ".join(repr(n) for n in kept[:5]) + (", ..." if len(kept) > 5 else "")
@@ -94,6 +96,9 @@ def quantize(
         return quantize_dynamic(model, options, check_batches, notes, progress=say,
                                 calib_batches=calib_batches)
     _check(options)
+    if options.smooth and options.mode == "static":
+        notes.append("--smooth applies to dynamic int8 (MatMul/Gemm); static int8 does not "
+                     "use it")
     calib_batches, check_batches = _split_data(model, options, notes)
     result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
     if (result.is_quantized and not result.kept_float) or options.mode != "auto" \
@@ -115,6 +120,16 @@ def quantize(
     if not result.is_quantized:
         return dynamic
     return _faster(result, dynamic, check_batches[0], notes)
+
+
+def _named(model: ir.Model) -> ir.Model:
+    """The model, or a copy whose unnamed nodes have names: the budget's fallback, SmoothQuant
+    and `--keep-float` pick layers by node name (copies share the weights)."""
+    if all(node.name for graph in model.graphs() for node in graph):
+        return model
+    named = model.clone()
+    common.NameFixPass()(named)
+    return named
 
 
 def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) -> Int8Result:

@@ -34,7 +34,7 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     if not feeds:
         raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
                             "--no-verify, or pass --inputs")
-    variants, smoothed = _dynamic_variants(model, options, feeds, calib_batches)
+    variants, smoothed = _dynamic_variants(model, options, feeds, calib_batches, notes)
     chosen, outcome = _chosen_variant(variants, smoothed, notes, progress)
     reduce_range = chosen.reduce_range
     quantized, report, checked = outcome.model, outcome.report, outcome.verification
@@ -59,8 +59,9 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     if too_slow:
         notes.append(f"int8 (dynamic) ran slower than float on ORT CPU ({too_slow}); kept float")
         return kept_float(model, outcome, 0, kernels, why=f"slower: {too_slow}")
-    return Int8Result(quantized, True, checked, kernels, 0, list(report.log), dict(report.counts),
-                      kept_float=len(outcome.excluded))
+    return Int8Result(quantized, True, checked, kernels, len(calib_batches or []),
+                      list(report.log), dict(report.counts), kept_float=len(outcome.excluded),
+                      mode="dynamic")
 
 
 @dataclasses.dataclass
@@ -75,7 +76,8 @@ class _Variant:
 
 
 def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
-                      calib_batches: list | None) -> tuple[list[_Variant], int]:
+                      calib_batches: list | None, notes: list[str]
+                      ) -> tuple[list[_Variant], int]:
     """The plain variant and, with calibration data, a SmoothQuant one (per-tensor activation
     scales lose the small channels next to a few outlier ones); how many activations smoothing
     rescaled. 7-bit weights avoid int16 saturation without VNNI but cost precision, and with
@@ -99,6 +101,8 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
 
     plain = measured(model, False)
     layers = quantized_layers(plain.outcome.report.log)
+    if options.smooth and not calib_batches:
+        notes.append("--smooth needs --calib (per-channel activation ranges); not applied")
     if not calib_batches or not layers or options.smooth is False:
         return [plain], 0
     base, count = smoothing.smoothed(model, layers, calib_batches)
@@ -129,10 +133,14 @@ def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
         tried.append((outcome.holds, -len(outcome.excluded), outcome.score, variant, outcome,
                       said))
     *_, chosen, outcome, said = max(tried, key=lambda t: t[:3])
-    if len(tried) > 1:
-        floats = {t[3].smoothed: -t[1] for t in tried}
-        notes.append(f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: the budget "
-                     f"needed {floats[True]} layers float with it, {floats[False]} without")
+    if len(tried) > 1 and not any(t[0] for t in tried):
+        notes.append("SmoothQuant: the budget was missed with and without it, even with "
+                     "layers back in float")
+    elif len(tried) > 1:
+        held = {t[3].smoothed: (f"held with {-t[1]} layer{'s' * (t[1] != -1)} float" if t[0]
+                                else "was missed even with layers back in float") for t in tried}
+        notes.append(f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: with it the "
+                     f"budget {held[True]}; without it, {held[False]}")
     notes.extend(said)
     return chosen, outcome
 

@@ -64,6 +64,9 @@ class Int8Result:
     counts: dict[str, int]
     layer_sqnr: dict[str, float] = dataclasses.field(default_factory=dict)  # see layer_sqnr
     kept_float: int = 0  # quantized layers the budget sent back to float
+    # "dynamic": activations quantized at run time; calibration_batches then counts the batches
+    # SmoothQuant could measure per-channel ranges on (0 without --calib)
+    mode: str = "static"
 
 
 def keep_float_names(model: ir.Model, options: Int8Options) -> tuple[str, ...]:

@@ -266,7 +266,8 @@ def bias_index(node: ir.Node) -> int | None:
 
 def ort_kernel_counts(model_bytes_or_path: bytes | str | os.PathLike) -> dict[str, int]:
     """Op-type counts of the graph ONNX Runtime CPU actually runs (graph optimizations
-    ENABLE_ALL, the optimized graph saved and read back): QLinearConv, QGemm, leftover Conv..."""
+    ENABLE_ALL, the optimized graph saved and read back), subgraphs included: QLinearConv,
+    QGemm, leftover Conv..."""
     import onnx
 
     from onnxopt import runtime
@@ -281,8 +282,17 @@ def ort_kernel_counts(model_bytes_or_path: bytes | str | os.PathLike) -> dict[st
         options.log_severity_level = 3
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath)
-    counts = Counter(node.op_type for node in optimized.graph.node)
+    counts = Counter(node.op_type for node in _all_nodes(optimized.graph))
     return dict(counts)
+
+
+def _all_nodes(graph):
+    """The nodes of an onnx GraphProto and of its If/Loop/Scan bodies, recursively."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _all_nodes(body)
 
 
 def cpu_needs_reduce_range() -> bool:

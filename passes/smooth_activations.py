@@ -89,7 +89,8 @@ def candidate_inputs(graph: ir.Graph, nodes: frozenset[str] | None = None) -> li
     """Names of the values the pass would smooth (whose per-channel max |x| it needs)."""
     found = {}
     for node in graph:
-        if (nodes is None or node.name in nodes) and _weight_rows(node) is not None:
+        if (nodes is None or node.name in nodes) and _weight_rows(node) is not None \
+                and not node.inputs[0].is_initializer():  # a weight a caller may override
             found[node.inputs[0].name] = True
     return [name for name in found if name]
 
@@ -104,7 +105,8 @@ def _readers(graph: ir.Graph, options: SmoothActivationsOptions
         rows = _weight_rows(node)
         value = node.inputs[0]
         stats = options.absmax.get(value.name) if value is not None else None
-        if rows is None or stats is None or np.shape(stats) != (rows.shape[0],):
+        if rows is None or stats is None or np.shape(stats) != (rows.shape[0],) \
+                or value.is_initializer():
             continue
         if value.dtype not in (None, ir.DataType.FLOAT):
             continue

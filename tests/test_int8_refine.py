@@ -515,6 +515,7 @@ def test_static_int8_gives_if_branch_matmuls_weights_only_int8(tmp_path):
     assert op_count(quantized, "QuantizeLinear") > 0  # the Conv: static QDQ
     branches = [a.g for n in quantized.graph.node if n.op_type == "If" for a in n.attribute]
     assert all(n.op_type == "DynamicQuantizeMatMul" for g in branches for n in g.node)
+    assert result.kernels.get("DynamicQuantizeMatMul") == 2  # ORT's counts reach into branches
     for cond in (True, False):
         feeds = {"x": x[0], "cond": np.array(cond)}
         [want], [got] = run(proto, feeds), run(quantized, feeds)

@@ -182,3 +182,77 @@ def test_cli_no_smooth_and_smooth(tmp_path):
         assert result.exit_code == 0, result.output
         notes = json.dumps(json.loads(report.read_text()))
         assert ("SmoothQuant" in notes) == (flag == "--smooth"), notes
+
+
+# ---------------------------------------------------------------- what the robustness sweep found
+
+
+def _dynamic_with_calib(model, tmp_path, inputs: dict[str, np.ndarray], **options):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **inputs)
+    notes: list[str] = []
+    result = int8.quantize(model, int8.Int8Options(calib=str(data), mode="dynamic",
+                                                   check_speed=False, **options), notes)
+    return result, notes
+
+
+def test_an_overridable_initializer_read_by_a_matmul_is_not_smoothed(tmp_path):
+    """`p` is an initializer that is also a graph input: a weight the caller may replace, not
+    an activation, so smoothing leaves it alone instead of failing calibration."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["p", "w2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    proto = make_model(nodes, [value_info("x", [2, K]), value_info("p", [2, K])],
+                       [value_info("y", [2, N])],
+                       [tensor("w1", _weights(rng)), tensor("w2", _weights(rng)),
+                        tensor("p", rng.standard_normal((2, K)))])
+    x = rng.standard_normal((10, 2, K)).astype(np.float32)
+    x[..., list(OUTLIERS)] *= 50.0
+    result, notes = _dynamic_with_calib(to_ir(proto), tmp_path, {"x": x}, smooth=True)
+    assert result.is_quantized, notes
+    smoothed = [n for n in result.model.graph if n.op_type == "Mul"]
+    assert [n.inputs[0].name for n in smoothed] == ["x"]
+
+
+def test_matmul_input_from_a_contrib_op_is_calibrated(tmp_path):
+    """ONNX shape inference cannot type com.microsoft Gelu's output; ORT can, so its ranges are
+    measured (for SmoothQuant, and for static int8) instead of refused."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"),
+             helper.make_node("Gelu", ["m"], ["g"], domain="com.microsoft", name="gelu"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="mm2")]
+    proto = make_model(nodes, [value_info("x", ["b", 8, K])], [value_info("y", ["b", 8, K])],
+                       [tensor("w1", _weights(rng)),
+                        tensor("w2", rng.standard_normal((N, K)) / np.sqrt(N))],
+                       extra_opsets={"com.microsoft": 1})
+    model = to_ir(proto)
+    found = smoothing.channel_absmax(model, ["g"], [{"x": _x(0)}])
+    assert found["g"].shape == (N,) and np.all(found["g"] >= 0)
+    batches = np.stack([_x(s) for s in range(10)])
+    result, notes = _dynamic_with_calib(model, tmp_path, {"x": batches}, smooth=True)
+    assert result.is_quantized and any("SmoothQuant" in n for n in notes), notes
+
+
+def test_unnamed_matmuls_are_smoothed_and_can_fall_back(tmp_path):
+    """Layers are picked by node name; unnamed nodes get names first, so --smooth and the
+    budget's fallback reach them too."""
+    model = layernorm_model(residual=True)
+    proto = ir.to_proto(model)
+    for node in proto.graph.node:
+        node.name = ""
+    result, notes = _dynamic_with_calib(to_ir(proto), tmp_path,
+                                        {"x": np.stack([_x(s) for s in range(10)])},
+                                        smooth=True, budget=int8.Budget(0.9))
+    assert result.is_quantized, notes
+    assert any("SmoothQuant" in n for n in notes), notes
+    assert op_count(result.model, "DynamicQuantizeMatMul") == 2
+
+
+def test_smooth_without_calibration_data_says_it_was_not_applied():
+    model = layernorm_model(residual=True)
+    notes: list[str] = []
+    int8.quantize(model, int8.Int8Options(mode="dynamic", check_speed=False, smooth=True,
+                                          budget=int8.Budget(0.9)),
+                  notes, feeds=[{"x": _x(s)} for s in range(2)])
+    assert any("--smooth needs --calib" in n for n in notes), notes
