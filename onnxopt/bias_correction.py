@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import calibrate
+from onnxopt import activations
 from onnxopt.inputs import Feeds
 from onnxopt.passes import _qdq
 from onnxopt.passes._graph import NameSource, constant, new_initializer
@@ -39,9 +39,9 @@ def output_shifts(model: ir.Model, layers: Sequence[str], data: Sequence[Feeds],
     inputs = {node.inputs[0].name: _input_axis(node) for node in nodes.values()}
     sums = {name: 0.0 for name in inputs}
     counts = dict.fromkeys(inputs, 0)
-    for activations in calibrate.iter_activations(model, data, list(inputs)):
+    for batch in activations.iter_activations(model, data, list(inputs)):
         for name, axis in inputs.items():
-            array = activations[name]
+            array = batch[name]
             sums[name] = sums[name] + _per_channel_sum(array, axis)
             counts[name] += array.size // max(1, array.shape[axis])
     shifts = {}

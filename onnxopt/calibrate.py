@@ -14,30 +14,25 @@ before the first run (names, dtypes, shapes from file headers), so bad data fail
 `samples` (`--calib-samples N`) caps rows along the batch axis across batches; with a fixed batch
 size the cap rounds down to whole batches (at least one).
 
-`collect_stats` runs the model once per batch with the requested tensors exposed as graph
-outputs and reduces each into a `TensorStats` at once: peak memory is one batch's activations
-plus O(bins) per tensor, whatever the number of batches.
+The statistics of the activations are reduced batch by batch in `onnxopt.activations`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
-from onnxopt import inputs, runtime
+from onnxopt import inputs
 from onnxopt.errors import BadInputError, first_line
-from onnxopt.histogram import TensorStats
 from onnxopt.images import Preprocess, image_size, load_image, parse_preprocess
 from onnxopt.inputs import (
     BatchLayout,
@@ -53,8 +48,6 @@ __all__ = [
     "CalibrationData",
     "Preprocess",
     "calibration_data",
-    "collect_stats",
-    "iter_activations",
     "parse_preprocess",
 ]
 
@@ -63,7 +56,6 @@ logger = logging.getLogger(__name__)
 RANDOM = "random"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 _RANDOM_BATCHES = 8  # `--calib random` without --calib-samples: enough to exercise the path
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,90 +370,3 @@ def _image_parts(folder, files, specs, preprocess: Preprocess, batch_size, notes
 
 def _image_loader(files, spec: InputSpec, preprocess: Preprocess, size) -> Callable[[], Feeds]:
     return lambda: {spec.name: np.stack([load_image(p, spec, preprocess, size) for p in files])}
-
-
-def collect_stats(
-    model: ir.Model,
-    data: Iterable[Feeds],
-    tensors: Sequence[str],
-    *,
-    bins: int = 2048,
-    progress: Callable[[int, int | None], None] | None = None,
-) -> dict[str, TensorStats]:
-    """Statistics of float `tensors` (node outputs or graph inputs) over all batches of `data`.
-
-    ORT runs with graph optimizations off, so the exposed tensors are the graph's own (a fused
-    Conv+Relu would hide the Conv output)."""
-    names = list(dict.fromkeys(tensors))
-    stats = {name: TensorStats(bins) for name in names}
-    total = len(data) if isinstance(data, Sized) else None
-    done = 0
-    for activations in iter_activations(model, data, names):
-        for name, tensor_stats in stats.items():
-            tensor_stats.update(activations[name])
-        del activations  # the next batch's activations replace these, never add to them
-        done += 1
-        if progress is not None:
-            progress(done, total)
-    if not done:
-        raise BadInputError("calibration data holds no batches")
-    return stats
-
-
-def iter_activations(
-    model: ir.Model, data: Iterable[Feeds], names: Sequence[str]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch, the float tensors `names` (node outputs or graph inputs) of one ORT run with
-    graph optimizations off: one batch's activations in memory at a time."""
-    exposed, from_feeds = _expose(model, list(dict.fromkeys(names)))
-    needs_run = len(exposed.graph.outputs) > 0  # only graph inputs asked for: no session
-    session_context = (
-        runtime.model_session(exposed, optimize=False) if needs_run else contextlib.nullcontext()
-    )
-    with session_context as session:
-        for feeds in data:
-            outputs = runtime.run(session, feeds) if needs_run else {}
-            found = {name: feeds[name] if name in from_feeds else outputs[name] for name in names}
-            for name, array in found.items():
-                # ONNX shape inference does not type contrib ops' outputs (com.microsoft Gelu,
-                # FusedMatMul): ORT does, and the first batch shows what they are.
-                if not np.issubdtype(np.asarray(array).dtype, np.floating):
-                    raise BadInputError(f"calibration: tensor {name!r} has dtype "
-                                        f"{np.asarray(array).dtype}; statistics are for float "
-                                        "activations")
-            yield found
-
-
-def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, set[str]]:
-    """A clone whose graph outputs are exactly the requested node outputs (clones share
-    tensors, so this costs no weight copies); graph inputs are read from the feeds instead."""
-    clone = model.clone()
-    wanted = set(names)
-    if any(v.dtype is None for node in clone.graph for v in node.outputs if v.name in wanted):
-        # Exporters often leave intermediate types out; a graph output needs one.
-        common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(clone)
-    graph = clone.graph
-    produced = {v.name: v for node in graph for v in node.outputs}
-    graph_inputs = {v.name: v for v in graph.inputs if not v.is_initializer()}
-    exposed, from_feeds = [], set()
-    for name in names:
-        value = produced.get(name) or graph_inputs.get(name)
-        if value is None:
-            what = (
-                "a weight (initializer)" if name in graph.initializers else "not in the main graph"
-            )
-            raise BadInputError(
-                f"calibration: tensor {name!r} is {what}; statistics are for activations"
-            )
-        if value.dtype is not None and value.dtype not in _FLOAT_TYPES:
-            raise BadInputError(
-                f"calibration: tensor {name!r} has dtype {value.dtype or 'unknown'}; statistics "
-                "are for float activations (run shape inference if the dtype is unknown)"
-            )
-        if name in graph_inputs:
-            from_feeds.add(name)
-        else:
-            exposed.append(value)
-    graph.outputs.clear()
-    graph.outputs.extend(exposed)
-    return clone, from_feeds

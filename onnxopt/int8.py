@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from onnxopt import calibrate, pipeline, verify
+from onnxopt import activations, calibrate, pipeline, verify
 from onnxopt.errors import BadInputError
 from onnxopt.int8_budget import (
     Budget,
@@ -156,7 +156,7 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
         base = _equalized(base, notes)
     tensors = quantize_int8.quantizable_tensors(base, options.target)
     say(f"calibrating on {len(calib_batches)} batches")
-    stats = calibrate.collect_stats(base, calib_batches, tensors)
+    stats = activations.collect_stats(base, calib_batches, tensors)
     ranges = {name: _range(s, options.calib_method) for name, s in stats.items()}
     reduce_range = False if options.target == "tensorrt" else _reduce_range(options, notes)
     trial = _Trial(base, ranges, reduce_range, check_batches,
@@ -266,8 +266,8 @@ def layer_sqnr(float_model: ir.Model, int8_model: ir.Model, log: list[str], feed
         return {}
     signal: dict[str, float] = dict.fromkeys(names, 0.0)
     noise: dict[str, float] = dict.fromkeys(names, 0.0)
-    pairs = zip(calibrate.iter_activations(float_model, feeds, names),
-                calibrate.iter_activations(int8_model, feeds, names))
+    pairs = zip(activations.iter_activations(float_model, feeds, names),
+                activations.iter_activations(int8_model, feeds, names))
     for reference, got in pairs:
         for name in names:
             a = reference[name].astype(np.float64)

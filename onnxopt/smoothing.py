@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import calibrate
+from onnxopt import activations
 from onnxopt.inputs import Feeds
 
 __all__ = ["ALPHA", "channel_absmax", "smoothed"]
@@ -24,9 +24,9 @@ def channel_absmax(model: ir.Model, names: Sequence[str],
                    batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
     """Value name -> max |x| over every batch and position, per channel of its last axis."""
     found: dict[str, np.ndarray] = {}
-    for activations in calibrate.iter_activations(model, batches, names):
+    for batch in activations.iter_activations(model, batches, names):
         for name in names:
-            array = np.asarray(activations[name])
+            array = np.asarray(batch[name])
             if array.ndim == 0 or not np.issubdtype(array.dtype, np.floating):
                 continue
             peak = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0).astype(np.float64)

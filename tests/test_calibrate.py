@@ -9,7 +9,8 @@ from helpers import make_model, run, tensor, to_ir, value_info
 from onnx import TensorProto, helper
 
 from onnxopt import calibrate
-from onnxopt.calibrate import Preprocess, calibration_data, collect_stats, parse_preprocess
+from onnxopt.activations import collect_stats
+from onnxopt.calibrate import Preprocess, calibration_data, parse_preprocess
 from onnxopt.errors import BadInputError
 from onnxopt.histogram import TensorStats
 

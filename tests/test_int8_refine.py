@@ -26,7 +26,7 @@ from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass, 
 from test_quantize_int8 import cosine, small_cnn
 
 from onnxopt import api, bias_correction, int8, int8_budget
-from onnxopt.calibrate import collect_stats
+from onnxopt.activations import collect_stats
 
 DEFAULT = str(api.default_model_path())
 
