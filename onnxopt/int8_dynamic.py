@@ -126,23 +126,28 @@ def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
         chosen = max(holding or variants, key=lambda v: v.worst)
         return chosen, chosen.outcome
     progress("finding the MatMuls that break the budget")
-    tried = []
+    results = []
     for variant in variants:
         said: list[str] = []
-        outcome = fall_back(variant.trial, variant.outcome, said)
-        tried.append((outcome.holds, -len(outcome.excluded), outcome.score, variant, outcome,
-                      said))
-    *_, chosen, outcome, said = max(tried, key=lambda t: t[:3])
-    if len(tried) > 1 and not any(t[0] for t in tried):
-        notes.append("SmoothQuant: the budget was missed with and without it, even with "
-                     "layers back in float")
-    elif len(tried) > 1:
-        held = {t[3].smoothed: (f"held with {-t[1]} layer{'s' * (t[1] != -1)} float" if t[0]
-                                else "was missed even with layers back in float") for t in tried}
-        notes.append(f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: with it the "
-                     f"budget {held[True]}; without it, {held[False]}")
+        results.append((variant, fall_back(variant.trial, variant.outcome, said), said))
+    chosen, outcome, said = max(results, key=lambda r: (r[1].holds, -len(r[1].excluded),
+                                                        r[1].score))
+    if len(results) > 1:
+        notes.append(_smoothing_verdict([(v.smoothed, o) for v, o, _ in results], chosen))
     notes.extend(said)
     return chosen, outcome
+
+
+def _smoothing_verdict(outcomes: list[tuple[bool, Outcome]], chosen: _Variant) -> str:
+    """One line: what the budget's fallback needed with and without SmoothQuant."""
+    if not any(outcome.holds for _, outcome in outcomes):
+        return ("SmoothQuant: the budget was missed with and without it, even with layers "
+                "back in float")
+    held = {smoothed: (f"held with {len(o.excluded)} layer{'s' * (len(o.excluded) != 1)} float"
+                       if o.holds else "was missed even with layers back in float")
+            for smoothed, o in outcomes}
+    return (f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: with it the budget "
+            f"{held[True]}; without it, {held[False]}")
 
 
 @dataclasses.dataclass

@@ -256,3 +256,35 @@ def test_smooth_without_calibration_data_says_it_was_not_applied():
                                           budget=int8.Budget(0.9)),
                   notes, feeds=[{"x": _x(s)} for s in range(2)])
     assert any("--smooth needs --calib" in n for n in notes), notes
+
+
+def test_when_neither_variant_holds_all_int8_the_one_needing_fewer_float_layers_is_kept():
+    """MiniLM's case: SmoothQuant brings all-int8 closer to fp32 yet spreads the error, so its
+    fallback needs more layers float than the plain variant's; the plain one is kept."""
+    from types import SimpleNamespace
+
+    from onnxopt import int8_budget, int8_dynamic
+
+    names = [f"layer{i}" for i in range(10)]
+
+    def variant(smoothed: bool, culprits: set[str]):
+        def outcome(exclude) -> int8_budget.Outcome:
+            missing = len(culprits - set(exclude))
+            checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - missing)])
+            report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names],
+                                     counts={"quantized": len(names)})
+            return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
+                                       "" if missing == 0 else "y: cosine 0.9 < 0.99",
+                                       tuple(exclude))
+
+        trial = SimpleNamespace(run=lambda exclude, batches=None: outcome(exclude))
+        return int8_dynamic._Variant(0.95 if smoothed else 0.93, False, trial, outcome(()),
+                                     smoothed)
+
+    plain = variant(False, {"layer1", "layer4"})
+    smooth = variant(True, {"layer0", "layer2", "layer5", "layer7", "layer8"})
+    notes: list[str] = []
+    chosen, outcome = int8_dynamic._chosen_variant([plain, smooth], 3, notes, lambda _: None)
+    assert chosen is plain and set(outcome.excluded) == {"layer1", "layer4"}
+    assert any("SmoothQuant left out: with it the budget held with 5 layers float; without "
+               "it, held with 2 layers float" in n for n in notes), notes
