@@ -190,6 +190,14 @@ def _calibration_summary(result: int8.Int8Result, options: int8.Int8Options) -> 
     return f"{result.calibration_batches} batches, {options.calib_method}"
 
 
+def _kernels_summary(result: int8.Int8Result) -> str:
+    """What ORT runs for the model written; for a float model kept, what int8 would have run."""
+    if not result.kernels:
+        return "none measured: the float model was kept"
+    summary = int8.integer_kernel_summary(result.kernels)
+    return summary if result.is_quantized else f"the int8 model (not kept): {summary}"
+
+
 def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say):
     """Run --int8 on the exactly rewritten model: (model, verification, report summary)."""
     if not feeds and options.int8.calib is None:
@@ -205,7 +213,7 @@ def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say
         "quantized": result.is_quantized,
         "calibration": _calibration_summary(result, options.int8),
         "budget": result.verification.reason or "held",
-        "ort_cpu_kernels": int8.integer_kernel_summary(result.kernels),
+        "ort_cpu_kernels": _kernels_summary(result),
         "kernels": result.kernels,
         "layer_sqnr_db": result.layer_sqnr,
     }

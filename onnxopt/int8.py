@@ -173,7 +173,7 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
     if not result.holds:
         say("finding the layers that break the budget")
         result = fall_back(trial, result, notes)
-    kernels = quantize_int8.ort_kernel_counts(ir.to_proto(result.model).SerializeToString())
+    kernels = quantize_int8.ort_kernel_counts(result.model)
     if not result.holds:
         notes.append(f"int8 missed the accuracy budget ({result.why}); kept the float model")
         return kept_float(model, result, len(calib_batches), kernels)

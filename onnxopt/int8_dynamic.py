@@ -50,8 +50,8 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
                      "for convolutions on CPU)")
     if not report.counts.get("quantized"):
         notes.append("int8 (dynamic): no MatMul/Gemm with a large constant weight; kept float")
-        return kept_float(model, outcome, 0, {}, why="nothing to quantize without --calib")
-    kernels = quantize_int8.ort_kernel_counts(ir.to_proto(quantized).SerializeToString())
+        return kept_float(model, outcome, 0, {}, why="no MatMul/Gemm for dynamic int8")
+    kernels = quantize_int8.ort_kernel_counts(quantized)
     if not holds:
         notes.append(f"int8 (dynamic) missed the accuracy budget ({why}); kept the float model")
         return kept_float(model, outcome, 0, kernels)

@@ -9,13 +9,15 @@ from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPas
 from onnxopt.passes.fuse_activations import FuseActivationsPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
+from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
 from onnxopt.passes.transfer import TransferPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
 __all__ += ["TransferPass"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
-            "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass"]
+            "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
+            "SmoothActivationsPass", "SmoothActivationsOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
@@ -26,6 +28,8 @@ REGISTRY = {
     QuantizeDynamicPass.name: QuantizeDynamicPass,
     TransferPass.name: TransferPass,  # only with optimize --transfer-from: changes the function
 }
+# Not in the registry: SmoothActivationsPass needs per-channel ranges from calibration data
+# (`--int8 --calib` runs it, see onnxopt.smoothing).
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.
 DEFAULT_PIPELINE = ("cleanup", "fold-batchnorm", "fuse-activations")

@@ -264,24 +264,27 @@ def bias_index(node: ir.Node) -> int | None:
     return 2 if bias is not None and bias.shape == (channels,) else None
 
 
-def ort_kernel_counts(model_bytes_or_path: bytes | str | os.PathLike) -> dict[str, int]:
+def ort_kernel_counts(model: ir.Model | bytes | str | os.PathLike) -> dict[str, int]:
     """Op-type counts of the graph ONNX Runtime CPU actually runs (graph optimizations
     ENABLE_ALL, the optimized graph saved and read back), subgraphs included: QLinearConv,
-    QGemm, leftover Conv..."""
-    import onnx
-
+    QGemm, leftover Conv... An in-memory model whose weights stay in external files goes to ORT
+    as a temporary file (bytes cannot point at external data)."""
     from onnxopt import runtime
 
+    if isinstance(model, ir.Model):
+        with runtime.model_file(model) as source:
+            return ort_kernel_counts(source)
+    import onnx
+
     ort = runtime.onnxruntime()
-    source = model_bytes_or_path
-    source = str(source) if isinstance(source, os.PathLike) else source
+    source = str(model) if isinstance(model, os.PathLike) else model
     with tempfile.TemporaryDirectory(prefix="onnxopt-kernels-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         options.log_severity_level = 3
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     counts = Counter(node.op_type for node in _all_nodes(optimized.graph))
     return dict(counts)
 

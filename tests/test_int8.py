@@ -206,3 +206,32 @@ def test_layer_sqnr_table(tmp_path, calib_file, capsys, monkeypatch):
     assert len(layers) >= 16 and set(layers) <= node_names
     assert sum(name.endswith("Conv") for name in layers) == 16
     assert all(15 < v < 80 for v in layers.values())  # int8: tens of dB, not exact, not noise
+
+
+def test_int8_of_a_model_with_external_data_run_from_another_folder(tmp_path, calib_file,
+                                                                    capsys, monkeypatch):
+    """Weights in a .data file next to the model (torch's dynamo export writes that): a layer
+    kept float keeps its external weight, and ORT's kernel count must still find it."""
+    source = tmp_path / "exported"
+    source.mkdir()
+    onnx.save(onnx.load(DEFAULT), source / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = invoke_cli(["optimize", str(source / "model.onnx"), "-o", "out.onnx",
+                               "--int8", "--calib", calib_file, "--allow-slower", "--bench",
+                               "none", "-q", "--keep-float", "/stem/stem.0/Conv"],
+                              capsys, monkeypatch)
+    assert code == 0, err
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(elsewhere / "out.onnx"), providers=["CPUExecutionProvider"])
+    image = np.load(api.default_samples_path())["image"][:1].astype(np.float32)
+    assert np.isfinite(session.run(None, {"image": image})[0]).all()
+    out = onnx.load(elsewhere / "out.onnx")
+    produced_by = {o: n.op_type for n in out.graph.node for o in n.output}
+    weights = {n.name: produced_by.get(n.input[1], "initializer") for n in out.graph.node
+               if n.op_type == "Conv"}
+    assert weights.pop("/stem/stem.0/Conv") == "initializer"  # kept float, as asked
+    assert set(weights.values()) == {"DequantizeLinear"}  # the other 15: int8 weights
