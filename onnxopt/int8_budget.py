@@ -98,7 +98,8 @@ def fall_back(trial: Trial, full: Outcome, notes: list[str]) -> Outcome:
     """Sensitivity: each quantized layer alone back in float (one held-out batch), ranked by the
     SQNR it wins back; then the worst 1, 2, 4, ... go back to float until the budget holds, and
     a bisection between the last count that missed and the first that held finds the fewest.
-    When error is spread over many layers no short list wins it back; then the longest prefix
+    The ranking comes from one batch, so each layer of that list is then retried in int8 alone
+    (least blamed first) and stays int8 where the budget still holds. When error is spread over many layers no short list wins it back; then the longest prefix
     of the network (graph order) that holds the budget stays int8, the rest float."""
     names = quantized_layers(full.report.log)
     gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
@@ -120,7 +121,13 @@ def fall_back(trial: Trial, full: Outcome, notes: list[str]) -> Outcome:
             count, outcome = middle, candidate
         else:
             missed = middle
-    shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in order[:count])
+    kept = list(order[:count])
+    for name in reversed(order[:count]):  # the ranking is from one batch: retry each alone
+        candidate = trial.run(tuple(n for n in kept if n != name))
+        if candidate.holds:
+            kept.remove(name)
+            outcome = candidate
+    shown = ", ".join(f"{n!r} (+{gains[n]:.1f} dB)" for n in kept)
     notes.append(f"kept float to hold the accuracy budget ({full.why} when all were "
                  f"int8): {shown}")
     return outcome

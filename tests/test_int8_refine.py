@@ -357,8 +357,36 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
     notes: list[str] = []
     best = int8_budget.fall_back(Stub(), outcome(()), notes)
     assert best.holds and set(best.excluded) == culprits
-    assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4  # 1, 2, 4, then 3
+    # sensitivity per layer, then 1, 2, 4 and 3 back in float, then each of the 3 retried alone
+    assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4 + 3
     assert all(f"'{n}'" in notes[0] for n in culprits) and notes[0].count("dB)") == 3
+
+
+def test_fallback_requantizes_a_layer_the_one_batch_ranking_blamed_wrongly():
+    """On the one batch the ranking uses, 'layer8' looks like the worst layer; on all held-out
+    batches only layer2 and layer5 matter. The retry puts layer8 back in int8."""
+    from types import SimpleNamespace
+
+    names = [f"layer{i}" for i in range(10)]
+    culprits = {"layer2", "layer5"}
+
+    def outcome(exclude, batches=None) -> int8_budget.Outcome:
+        missing = len(culprits - set(exclude))
+        fooled = 20.0 if batches == 1 and "layer8" in exclude else 0.0
+        checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - 10 * missing + fooled)])
+        report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names])
+        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
+                                   "" if missing == 0 else "y: cosine 0.9 < 0.99",
+                                   tuple(exclude))
+
+    class Stub:
+        def run(self, exclude, *, batches=None):
+            return outcome(exclude, batches)
+
+    notes: list[str] = []
+    best = int8_budget.fall_back(Stub(), outcome(()), notes)
+    assert best.holds and set(best.excluded) == culprits
+    assert "'layer8'" not in notes[0]
 
 
 def test_dynamic_int8_keeps_the_sensitive_matmul_float_to_hold_the_budget(tmp_path):
