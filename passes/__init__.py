@@ -32,7 +32,7 @@ REGISTRY = {
 # (`--int8 --calib` runs it, see onnxopt.smoothing).
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.
-DEFAULT_PIPELINE = ("cleanup", "fold-batchnorm", "fuse-activations")
+DEFAULT_PIPELINE = ("cleanup", "fuse-activations", "fold-batchnorm")
 
 
 def describe_passes() -> list[tuple[str, bool, str]]:

@@ -1,9 +1,10 @@
 """Fold a per-channel affine x' = s x + t into the Conv, Gemm or MatMul that consumes x'.
 
     Conv:   W'[m, c, k] = W[m, c, k] s[c]      b'[m] = b[m] + sum_{c,k} W[m, c, k] t[c]
-            (c runs over the input channels of m's group; exact only without padding, because
-            the padded border holds zeros of x', which are x = -t/s, not zeros of x)
-    Gemm / MatMul on [N, K] input:   W' = diag(s) W      bias' = bias + alpha t W
+            (c runs over the input channels of m's group; a shift t is exact only without
+            padding, because the padded border holds zeros of x', which are x = -t/s, not zeros
+            of x; a pure scale keeps zeros zeros, so it folds whatever the padding)
+    Gemm / MatMul on [..., K] input:   W' = diag(s) W      bias' = bias + alpha t W
 All in float64, cast once to the weight's dtype.
 """
 
@@ -13,14 +14,47 @@ import numpy as np
 import onnx_ir as ir
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
-__all__ = ["fold_before"]
+__all__ = ["channel_vector", "fold_before", "input_channels"]
+
+
+def input_channels(consumer: ir.Node) -> tuple[int, str] | None:
+    """(number of input channels, 'first' or 'last': where they sit in the data input) of a
+    Conv / Gemm / MatMul with a constant float weight, else None."""
+    if consumer.domain not in ("", "ai.onnx") or consumer.op_type not in ("Conv", "Gemm",
+                                                                          "MatMul"):
+        return None
+    weight = constant(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
+    if weight is None or not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2:
+        return None
+    if consumer.op_type == "Conv":
+        return weight.shape[1] * consumer.attributes.get_int("group", 1), "first"
+    if consumer.op_type == "Gemm":
+        if consumer.attributes.get_int("transA", 0):
+            return None
+        return weight.shape[1 if consumer.attributes.get_int("transB", 0) else 0], "last"
+    return (weight.shape[0], "last") if weight.ndim == 2 else None
+
+
+def channel_vector(c: np.ndarray, rank: int | None, channels: int, where: str) -> np.ndarray | None:
+    """`c` as a [channels] vector when broadcasting it against a rank-`rank` input only varies
+    along the channel axis (axis 1, or the last one) and never grows the input; else None."""
+    if c.size == 1 and (c.ndim <= 1 or (rank is not None and c.ndim <= rank)):
+        return np.full(channels, c.item(), dtype=np.float64)
+    if rank is None or c.ndim > rank or rank < 2:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    axis = 1 if where == "first" else rank - 1
+    if shape[axis] != channels or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        return None
+    return c.reshape(channels).astype(np.float64)
 
 
 def fold_before(
-    graph: ir.Graph, names: NameSource, bn: ir.Node, scale: np.ndarray, shift: np.ndarray
+    graph: ir.Graph, names: NameSource, x: ir.Value, y: ir.Value, scale: np.ndarray,
+    shift: np.ndarray, *, channels_last: bool = False
 ) -> tuple[ir.Node, list[ir.Node], ir.Value] | str:
-    """(consumer, new nodes, new output), or the reason the next op cannot take the fold."""
-    y = bn.outputs[0]
+    """Fold y = s x + t into y's only consumer: (consumer, new nodes, new output), or the reason
+    it cannot take the fold. `channels_last`: s and t run along y's last axis (else axis 1)."""
     if len(y.uses()) != 1 or y.is_graph_output():
         return "its output has several consumers"
     consumer, slot = y.uses()[0]
@@ -38,14 +72,14 @@ def fold_before(
     if consumer.op_type == "Conv":
         folded = _into_conv(consumer, weight.astype(np.float64), bias, scale, shift)
     else:
-        folded = _into_matrix(consumer, weight.astype(np.float64), bias, scale, shift)
+        folded = _into_matrix(consumer, weight.astype(np.float64), bias, scale, shift,
+                              channels_last)
     if isinstance(folded, str):
         return folded
     new_weight, new_bias, attributes = folded
     base = consumer.name or consumer.outputs[0].name or consumer.op_type
     w = new_initializer(graph, names, f"{base}.weight_folded", new_weight.astype(weight.dtype))
     b = new_initializer(graph, names, f"{base}.bias_folded", new_bias.astype(weight.dtype))
-    x = bn.inputs[0]
     if consumer.op_type != "MatMul":
         new = ir.node(consumer.op_type, [x, w, b], attributes=attributes,
                       domain=consumer.domain, name=consumer.name)
@@ -58,9 +92,9 @@ def fold_before(
 def _into_conv(conv: ir.Node, w: np.ndarray, bias, scale, shift):
     pads = conv.attributes.get_ints("pads", None) or ()
     auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
-    if any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return (f"{describe(conv)} pads its input, and the padded border would see the BN's "
-                "zeros (x = -t/s), which a folded Conv cannot reproduce")
+    if (any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER")) and np.any(shift):
+        return (f"{describe(conv)} pads its input, and the padded border would see the "
+                "shifted zeros (x = -t/s), which a folded Conv cannot reproduce")
     group = conv.attributes.get_int("group", 1)
     out_channels, channels_per_group = w.shape[:2]
     if channels_per_group * group != scale.size:
@@ -75,10 +109,10 @@ def _into_conv(conv: ir.Node, w: np.ndarray, bias, scale, shift):
     return w * s, new_bias, dict(conv.attributes)
 
 
-def _into_matrix(node: ir.Node, w: np.ndarray, bias, scale, shift):
+def _into_matrix(node: ir.Node, w: np.ndarray, bias, scale, shift, channels_last: bool):
     attributes = dict(node.attributes)
     x = node.inputs[0]
-    if node.op_type == "MatMul" and (w.ndim != 2 or rank_of(x) != 2):
+    if node.op_type == "MatMul" and (w.ndim != 2 or not (channels_last or rank_of(x) == 2)):
         return f"{describe(node)} is not a 2-D input times a 2-D constant"
     if node.attributes.get_int("transA", 0):
         return f"{describe(node)} has transA=1: BN's channels would be its output rows"

@@ -314,3 +314,96 @@ def test_fold_is_computed_in_float64():
     [folded] = run(report.model, feeds)
     rel = np.abs(folded - exact) / (np.abs(exact) + 1e-3)
     assert rel.max() < 1e-4
+
+
+def affine_before_model(rng, *, pads: int, mul_shape=(), add_shape=(), group: int = 1,
+                        second_reader: bool = False):
+    """x -> Relu -> Mul(a) -> Add(b) -> Conv: PP-LCNetV3's learnable affine after an activation
+    (a Relu here, so that nothing before the affine can take it)."""
+    channels = 4
+    inits = [tensor("a", rng.uniform(0.5, 2.0, mul_shape)),
+             tensor("b", rng.standard_normal(add_shape)),
+             tensor("W", rng.standard_normal((8, channels // group, 3, 3))),
+             tensor("bias", rng.standard_normal(8))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "a"], ["m"], name="scale"),
+             helper.make_node("Add", ["b", "m"], ["n"], name="shift"),
+             helper.make_node("Conv", ["n", "W", "bias"], ["y"], name="conv", group=group,
+                              pads=[pads] * 4)]
+    outputs = [value_info("y", None)]
+    if second_reader:
+        nodes.append(helper.make_node("Sigmoid", ["n"], ["z"], name="other"))
+        outputs.append(value_info("z", None))
+    model = make_model(nodes, [value_info("x", [1, channels, 8, 8])], outputs, inits)
+    return model, {"x": rng.standard_normal((1, channels, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("mul_shape,add_shape", [((), ()), ((4, 1, 1), (1, 4, 1, 1))],
+                         ids=["scalar", "per-channel"])
+def test_affine_before_an_unpadded_conv_folds_into_it(mul_shape, add_shape):
+    rng = np.random.default_rng(21)
+    model, feeds = affine_before_model(rng, pads=0, mul_shape=mul_shape, add_shape=add_shape)
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["Relu", "Conv"]
+    assert "folded 'shift' (Add) into the next 'conv' (Conv)" in report.log
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_moves_past_the_shift_into_a_padded_conv():
+    """A padded Conv cannot take the shift (its border would see -b, not 0) but a scale keeps
+    zeros zero: a*h + b = (h + b/a)*a, and the scale folds into the depthwise Conv."""
+    rng = np.random.default_rng(22)
+    model, feeds = affine_before_model(rng, pads=1, mul_shape=(4, 1, 1), add_shape=(4, 1, 1),
+                                       group=4)
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["Relu", "Add", "Conv"]
+    assert any(line.startswith("moved 'scale' (Mul) past 'shift' (Add)") for line in report.log)
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_a_scale_alone_folds_into_a_padded_conv():
+    rng = np.random.default_rng(23)
+    inits = [tensor("a", rng.uniform(0.5, 2.0, (1, 4, 1, 1))),
+             tensor("W", rng.standard_normal((6, 4, 3, 3)))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Div", ["r", "a"], ["n"], name="div"),
+             helper.make_node("Conv", ["n", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [value_info("x", [1, 4, 8, 8])], [value_info("y", None)], inits)
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["Relu", "Conv"]
+    feeds = {"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_affine_read_by_something_else_stays():
+    rng = np.random.default_rng(24)
+    model, feeds = affine_before_model(rng, pads=0, second_reader=True)
+    report = fold(model)
+    assert not report.modified
+    for a, b in zip(run(model, feeds), run(report.model, feeds)):
+        assert np.array_equal(a, b)
+
+
+def test_a_scale_varying_in_space_stays_before_the_conv():
+    """Only the shift is per channel: it folds; the scale over H, W cannot."""
+    rng = np.random.default_rng(26)
+    model, feeds = affine_before_model(rng, pads=0, mul_shape=(1, 1, 8, 8))
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["Relu", "Mul", "Conv"]
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_last_axis_scale_and_shift_fold_into_a_matmul_on_rank3_input():
+    """Transformer layout [B, S, K]: a per-feature affine before a constant-weight MatMul."""
+    rng = np.random.default_rng(25)
+    inits = [tensor("g", rng.uniform(0.5, 2.0, 16)), tensor("c", rng.standard_normal(16)),
+             tensor("W", rng.standard_normal((16, 8)))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "g"], ["m"], name="scale"),
+             helper.make_node("Sub", ["m", "c"], ["n"], name="shift"),
+             helper.make_node("MatMul", ["n", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [value_info("x", [2, 5, 16])], [value_info("y", None)], inits)
+    report = fold(model)
+    assert [n.op_type for n in report.model.graph] == ["Relu", "MatMul", "Add"]
+    feeds = {"x": rng.standard_normal((2, 5, 16)).astype(np.float32)}
+    assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)

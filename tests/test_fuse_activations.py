@@ -159,3 +159,16 @@ def test_int8_of_a_hardswish_cnn_fuses_the_activation_and_quantizes_the_conv(
     feeds = {"x": rng.uniform(-6, 6, SHAPE).astype(np.float32)}
     want, got = run(model, feeds)[0].ravel(), run(written, feeds)[0].ravel()
     assert float(want @ got / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.99
+
+
+def test_default_pipeline_fuses_before_folding_the_scale_into_the_next_conv():
+    """fold-batchnorm would fold the trailing Div(6) into the 1x1 Conv after it and leave
+    Add/Clip/Mul spelled out; fuse-activations runs first, so the activation is one op."""
+    from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
+
+    model = _hardswish_model(opset=14)
+    fused = to_ir(model)
+    for name in DEFAULT_PIPELINE:
+        REGISTRY[name]()(fused)
+    assert [n.op_type for n in fused.graph] == ["Conv", "HardSwish", "Conv"]
+    assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
