@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt import bench, inputs, int8, io, pipeline, runtime, stats
+from onnxopt import bench, calibrate, inputs, int8, io, pipeline, runtime, stats
 from onnxopt import validation as validate_mod
 from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
@@ -60,8 +60,19 @@ def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model
 
 
 def load_feeds(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> list[inputs.Feeds]:
+    """--inputs; else, with --int8 --calib DATA, the last batches of DATA (real inputs of the
+    real shapes, for verification and for timing); else inputs generated from declared shapes."""
     if options.inputs:
         return inputs.load_npz(options.inputs, model)
+    calib = options.int8.calib if options.int8 is not None else None
+    if calib is not None and str(calib) != calibrate.RANDOM:
+        data = calibrate.calibration_data(calib, model, preprocess=options.int8.preprocess,
+                                          samples=options.int8.calib_samples,
+                                          shapes=options.shapes)
+        feeds = data.batches(max(0, len(data) - options.batches))[:]
+        notes.append(f"verification and timing inputs: the last {len(feeds)} batches of --calib "
+                     "(pass --inputs for others)")
+        return feeds
     return inputs.generate(model, shapes=options.shapes, batches=options.batches,
                            seed=options.seed, warnings=notes)
 

@@ -1,8 +1,9 @@
 """`--int8`: calibrate, insert QDQ, hold the accuracy budget, count the integer kernels ORT runs.
 
 Steps, on the model the exact passes produced:
-  1. calibration data (`--calib`): batches are split 80/20; the first part is reduced batch by
-     batch into streamed histograms of every tensor the pass will quantize, the held-out part
+  1. calibration data (`--calib`): batches are split 80/20 (the held-out part capped at 32
+     batches); the first part is read from the source and reduced batch by batch into streamed
+     histograms of every tensor the pass will quantize (never all in memory), the held-out part
      judges the result;
   2. ranges per tensor by `--calib-method` (minmax, percentile, entropy, mse);
   3. the quantize-int8 pass (per-channel int8 weights, uint8 activations, QDQ that ORT's CPU
@@ -65,6 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _HELD_OUT = 0.2
+_MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
 
 
 def quantize(
@@ -288,17 +290,18 @@ def _check(options: Int8Options) -> None:
 
 
 def _split_data(model: ir.Model, options: Int8Options, notes: list[str]):
-    """(calibration batches, held-out batches): the last 20% judge the budget."""
+    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge the
+    budget and stay in memory (every trial runs them); the rest is streamed from the source."""
     data = calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
                                       samples=options.calib_samples, shapes=options.shapes)
     notes.extend(data.notes)
-    batches = list(data)  # feeds only; activations are reduced one batch at a time
-    held = max(1, math.floor(len(batches) * _HELD_OUT)) if len(batches) > 1 else 0
-    calib_batches, check_batches = batches[:len(batches) - held], batches[len(batches) - held:]
-    if not check_batches:
+    count = len(data)
+    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
+    calib_batches = data.batches(0, count - held)
+    if not held:
         notes.append("one calibration batch: the accuracy budget is judged on the same batch")
-        check_batches = calib_batches
-    return calib_batches, check_batches
+        return calib_batches, calib_batches[:]
+    return calib_batches, data.batches(count - held)[:]
 
 
 def _at_opset_13(model: ir.Model, notes: list[str]) -> ir.Model:

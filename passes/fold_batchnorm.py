@@ -273,8 +273,7 @@ def _fold_affine_op_before(graph, names, node: ir.Node, x: ir.Value, array: np.n
     if found is None or weight is None or weight.dtype != array.dtype:
         return False
     channels, where = found
-    vector = channel_vector(array, rank_of(x) if rank_of(x) is not None else rank_of(y),
-                            channels, where)
+    vector = channel_vector(array, rank_of(x), channels, where)  # x's rank: c must not grow x
     if vector is None or (node.op_type == "Div" and np.any(vector == 0)):
         return False
     scale, shift = _affine(node.op_type, vector)

@@ -381,3 +381,29 @@ def test_collect_stats_streams_a_calibration_folder(tmp_path):
     data = calibration_data(tmp_path, model, samples=10)
     stats = collect_stats(model, data, ["relu_out"])
     assert stats["relu_out"].count == 10 * 3 * 4 * 4 and calibrate.RANDOM == "random"
+
+
+def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_path):
+    """300 batches of 64 KB (19.7 MB): the calibration part is streamed from the file and the
+    held-out part is capped at 32 batches, so Python-side peak memory stays a few MB."""
+    import tracemalloc
+
+    from onnxopt import int8
+
+    model = relu_model([1, 1, 128, 128])
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(11).standard_normal((300, 1, 1, 128, 128))
+             .astype(np.float32))
+    options = int8.Int8Options(calib=str(path))
+    tracemalloc.start()
+    try:
+        calib, held = int8._split_data(model, options, [])
+        stats = collect_stats(model, calib, ["y"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (len(calib), len(held)) == (268, 32)
+    assert stats["y"].count == 268 * 128 * 128
+    assert peak < 6e6, f"peak {peak / 1e6:.1f} MB"
+    again = sum(1 for _ in calib)  # a stream that reads again, not a used-up iterator
+    assert again == 268

@@ -235,3 +235,27 @@ def test_int8_of_a_model_with_external_data_run_from_another_folder(tmp_path, ca
                if n.op_type == "Conv"}
     assert weights.pop("/stem/stem.0/Conv") == "initializer"  # kept float, as asked
     assert set(weights.values()) == {"DequantizeLinear"}  # the other 15: int8 weights
+
+
+def test_without_inputs_verification_and_timing_run_on_the_calibration_data(tmp_path):
+    """A model with symbolic spatial dims: generated inputs would guess 32x32; with --calib the
+    exact passes are verified, and both models timed, on the last calibration batches (48x40)."""
+    from helpers import make_model, tensor, to_ir, value_info
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    proto = make_model(nodes, [value_info("x", [1, 3, "h", "w"])], [value_info("y", None)],
+                       [tensor("w", rng.standard_normal((8, 3, 3, 3)))])
+    x = rng.standard_normal((6, 1, 3, 48, 40)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    options = api.OptimizeOptions(int8=int8.Int8Options(calib=str(tmp_path / "calib.npz"),
+                                                        check_speed=False),
+                                  bench=("cpu",), bench_seconds=0.2)
+    _, report = api.optimize(to_ir(proto), tmp_path / "out.onnx", options)
+    said = " ".join(report.notes)
+    assert "the last 3 batches of --calib" in said and "guessed" not in said, report.notes
+    assert report.verification.status == "passed"
+    for batch, expected in zip(api.load_feeds(to_ir(proto), options, []), x[-3:]):
+        assert np.array_equal(batch["x"], expected)  # the real shapes and values
