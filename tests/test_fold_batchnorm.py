@@ -407,3 +407,44 @@ def test_last_axis_scale_and_shift_fold_into_a_matmul_on_rank3_input():
     assert [n.op_type for n in report.model.graph] == ["Relu", "MatMul", "Add"]
     feeds = {"x": rng.standard_normal((2, 5, 16)).astype(np.float32)}
     assert_same_outputs(model, report.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def _gelu_then_matmul(rng):
+    """BERT's FFN as TorchScript writes it: x/sqrt(2) -> Erf -> +1 -> *x -> *0.5 -> MatMul."""
+    inits = [tensor("r2", np.sqrt(2.0)), tensor("one", 1.0), tensor("half", 0.5),
+             tensor("W", rng.standard_normal((16, 8)))]
+    nodes = [helper.make_node("Div", ["x", "r2"], ["d"], name="div"),
+             helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["a"], name="add"),
+             helper.make_node("Mul", ["x", "a"], ["m"], name="mul"),
+             helper.make_node("Mul", ["m", "half"], ["g"], name="half"),
+             helper.make_node("MatMul", ["g", "W"], ["y"], name="mm")]
+    return make_model(nodes, [value_info("x", [2, 5, 16])], [value_info("y", None)], inits)
+
+
+def _layernorm_then_matmul(rng):
+    """A LayerNorm written out op by op (opset < 17 exports), gamma and beta, then a MatMul."""
+    inits = [tensor("eps", 1e-5), tensor("two", 2.0), tensor("g", rng.uniform(0.5, 2, 16)),
+             tensor("b", rng.standard_normal(16)), tensor("W", rng.standard_normal((16, 8)))]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], name="mean"),
+             helper.make_node("Sub", ["x", "mu"], ["c"], name="center"),
+             helper.make_node("Pow", ["c", "two"], ["sq"], name="pow"),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], name="var"),
+             helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+             helper.make_node("Sqrt", ["ve"], ["sd"], name="sqrt"),
+             helper.make_node("Div", ["c", "sd"], ["n"], name="norm"),
+             helper.make_node("Mul", ["n", "g"], ["s"], name="gamma"),
+             helper.make_node("Add", ["s", "b"], ["h"], name="beta"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")]
+    return make_model(nodes, [value_info("x", [2, 5, 16])], [value_info("y", None)], inits,
+                      opset=13)
+
+
+@pytest.mark.parametrize("build", [_gelu_then_matmul, _layernorm_then_matmul],
+                         ids=["gelu", "layernorm"])
+def test_the_end_of_a_pattern_ort_fuses_is_not_folded(build):
+    """ORT fuses these into Gelu / LayerNormalization only with their trailing Mul (and Add);
+    folding it into the MatMul would leave four to nine elementwise kernels instead of one."""
+    model = build(np.random.default_rng(27))
+    report = fold(model)
+    assert not report.modified, report.log
