@@ -161,6 +161,23 @@ class TensorStats:
         lo, hi = _mse_asymmetric(self.hist, self.start, self.width, bits)
         return self._clamp(lo, hi)
 
+    def set_by_sentinels(self, floor: float = 1e4) -> bool:
+        """Whether a few huge values set the range: |x| reaches `floor`, and the values form
+        two clusters, the huge ones and ordinary ones within 1% of the peak, with (almost)
+        nothing between (an attention mask's -10000 or -3.4e38 added to scores of a few units,
+        whatever the share of masked positions). uint8 over such a range leaves the ordinary
+        values no level of their own."""
+        if not self.count:
+            return False
+        peak = max(abs(self.min), abs(self.max))
+        if peak < floor:
+            return False
+        folded = self._folded()
+        small = max(1, math.floor(0.01 * peak / self.width))  # |x| bins below 1% of the peak
+        large = math.floor(0.9 * peak / self.width)  # from 90% of the peak on
+        ordinary, between = int(folded[:small].sum()), int(folded[small:large].sum())
+        return ordinary >= 0.01 * self.count and between <= 0.01 * self.count
+
     def _folded(self) -> np.ndarray:
         """Histogram of |x| on the same lattice: bin k holds lattice bins k and -k-1."""
         index = self.start + np.arange(self.bins)

@@ -159,7 +159,9 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
     tensors = quantize_int8.quantizable_tensors(base, options.target)
     say(f"calibrating on {len(calib_batches)} batches")
     stats = activations.collect_stats(base, calib_batches, tensors)
-    ranges = {name: _range(s, options.calib_method) for name, s in stats.items()}
+    ranges = {name: _range(s, options.calib_method) for name, s in stats.items()
+              if not s.set_by_sentinels()}
+    _say_sentinels(stats, ranges, notes)
     reduce_range = False if options.target == "tensorrt" else _reduce_range(options, notes)
     trial = _Trial(base, ranges, reduce_range, check_batches,
                    verify.reference_outputs(model, check_batches), options.budget,
@@ -368,6 +370,20 @@ def _subgraphs_dynamic(report, reduce_range: bool, clip_weights: str, exclude) -
     report.log.extend(inner.log)
     report.counts.update(inner.counts)
     report.modified = report.modified or inner.modified
+
+
+def _say_sentinels(stats: dict, ranges: dict, notes: list[str]) -> None:
+    """One line on the tensors left float because sentinel values set their range (a tensor
+    without a range stays float, and so does the op that would need it quantized)."""
+    left = [name for name in stats if name not in ranges]
+    if not left:
+        return
+    peak = max(max(abs(stats[n].min), abs(stats[n].max)) for n in left)
+    shown = ", ".join(repr(n) for n in left[:3]) + (", ..." if len(left) > 3 else "")
+    notes.append(f"left float: {len(left)} tensor{'s' * (len(left) != 1)} whose range a few "
+                 f"huge values set (|x| up to {peak:.3g}, the others under 1% of it, as an "
+                 f"attention mask makes): uint8 over that range would flatten the others: "
+                 f"{shown}")
 
 
 def _range(stats, method: str) -> tuple[float, float]:
