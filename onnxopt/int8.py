@@ -169,7 +169,10 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
     say("inserting QDQ")
     result = trial.run(())
     if result.report.counts.get("quantized", 0) == 0:
-        notes.append("int8: nothing in this model could be quantized; kept the float model")
+        refused = [line for line in result.report.log if line.startswith("kept ")]
+        why = f" ({len(refused)} refused; first: {refused[0]})" if refused else ""
+        notes.append(f"int8: nothing in this model could be quantized{why}; kept the float "
+                     "model")
         return kept_float(model, result, len(calib_batches), {})
     if options.bias_correction is not False:
         say("bias correction")

@@ -21,7 +21,8 @@ is not a constant (graph input or computed); 3. a data input or output with no c
 (Conv/Gemm/MatMul keep a float output instead); 4. float tensors other than float32;
 5. opset < 13 (per-channel DequantizeLinear needs `axis`). Main graph only: calibration cannot
 see into If/Loop/Scan bodies, so `--int8` gives them quantize-dynamic (`graphs="subgraphs"`).
-Not covered yet: function bodies, ConvTranspose, MatMul of two activations, Resize, Mul, Gemm C
+ConvTranspose stays float, with that reason logged: ORT's CPU provider has no integer kernel
+for it. Not covered yet: function bodies, MatMul of two activations, Resize, Mul, Gemm C
 not of shape [N] (kept float, so ORT leaves that Gemm float); a Conv whose output only leaves
 the graph gets no output pair, so ORT keeps it a float Conv (graph outputs stay float).
 Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per row (`_gather`).
@@ -59,6 +60,10 @@ _SHARED_SCALE = {op: (0,) for op in
                  ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")}
 _DATA_INPUTS = {**_LINEAR, **_OWN_SCALE, **_SHARED_SCALE}
 _RELU_FUSES_AFTER = ("Conv", "Gemm", "MatMul", "Add")
+# Measured with ORT 1.32: DQ -> ConvTranspose -> Q stays a float ConvTranspose behind a
+# DequantizeLinear of its weight on every run, so int8 would only add work there.
+_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose kernel (a QDQ "
+                   "ConvTranspose runs as float after dequantizing its weight)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +164,8 @@ def _plan(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_Site], lis
 
 def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
     """The node's quantization plan, the reason it stays float, or None if it is no candidate."""
+    if node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx"):
+        return _CONV_TRANSPOSE
     if node.op_type not in _DATA_INPUTS or node.domain not in ("", "ai.onnx"):
         return None
     indices = _DATA_INPUTS[node.op_type] or range(len(node.inputs))
@@ -194,6 +201,10 @@ def _plan_tensorrt(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_S
     pair on its other (skip) input only, so TensorRT can fuse the Add into that Conv."""
     sites, refusals = [], []
     for node in graph:
+        if node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx"):
+            refusals.append(f"kept {describe(node)}: ConvTranspose is not quantized for "
+                            "TensorRT yet")
+            continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in (*_LINEAR, "Add"):
             continue
         if any(v is not None and v.producer() is not None

@@ -359,3 +359,46 @@ def test_ort_kernel_counts_reads_a_path(tmp_path):
     path.write_bytes(to_bytes(model))
     assert ort_kernel_counts(path) == ort_kernel_counts(str(path)) == ort_kernel_counts(
         to_bytes(model))
+
+
+def _conv_then_conv_transpose(rng):
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("ConvTranspose", ["r", "T"], ["u"], name="up", strides=[2, 2]),
+             helper.make_node("Relu", ["u"], ["y"], name="relu2")]
+    inits = [tensor("W", rng.standard_normal((8, 3, 3, 3)) * 0.3),
+             tensor("T", rng.standard_normal((8, 4, 2, 2)) * 0.3)]
+    return to_ir(make_model(nodes, [value_info("x", [1, 3, 8, 8])], [value_info("y", None)],
+                            inits))
+
+
+def test_conv_transpose_stays_float_with_the_reason_ort_gives():
+    """ORT's CPU provider runs a QDQ ConvTranspose as DequantizeLinear + float ConvTranspose
+    (no integer kernel, measured with ORT 1.32): the pass keeps it float and says why; if ORT
+    gains the kernel, the second half of this test says so."""
+    rng = np.random.default_rng(40)
+    model = _conv_then_conv_transpose(rng)
+    batches = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    report = quantize(model, calibrate(model, batches))
+    assert any(line.startswith("kept 'up' (ConvTranspose): ONNX Runtime's CPU provider has no "
+                               "integer ConvTranspose kernel") for line in report.log), report.log
+    assert op_count(report.model, "QuantizeLinear") > 0  # the Conv is int8
+    up = next(n for n in report.model.graph if n.op_type == "ConvTranspose")
+    assert up.inputs[1].producer() is None  # its weight is the float initializer
+    # What ORT does with the full QDQ pattern around a ConvTranspose: it stays float.
+    w = rng.standard_normal((8, 4, 2, 2)).astype(np.float32)
+    scale = (np.abs(w).transpose(1, 0, 2, 3).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    inits = [tensor("wq", np.round(w / scale[None, :, None, None]), np.int8),
+             tensor("ws", scale), tensor("wz", np.zeros(4), np.int8),
+             tensor("s", 0.02), tensor("z", 128, np.uint8),
+             tensor("so", 0.05), tensor("zo", 128, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("ConvTranspose", ["xd", "wd"], ["u"], strides=[2, 2]),
+             helper.make_node("QuantizeLinear", ["u", "so", "zo"], ["uq"]),
+             helper.make_node("DequantizeLinear", ["uq", "so", "zo"], ["y"])]
+    qdq = to_ir(make_model(nodes, [value_info("x", [1, 8, 8, 8])], [value_info("y", None)],
+                           inits, opset=13))
+    kernels = ort_kernel_counts(qdq)
+    assert kernels.get("ConvTranspose") == 1, kernels
