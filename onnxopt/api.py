@@ -130,6 +130,8 @@ def optimize(
     notes: list[str] = []
     _upgrade_ir(model, notes)
     model, transferred = _transfer_first(model, options, say)
+    if options.int8 is not None:  # before any work: --int8 on a model it cannot touch is an error
+        int8.check_quantizable(model, str(src) if path else "the model")
     original = model.clone()  # shares tensors; passes build new ones instead of editing
     clock.lap("load")
     if options.verify:

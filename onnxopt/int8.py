@@ -56,6 +56,7 @@ __all__ = [
     "Budget",
     "Int8Options",
     "Int8Result",
+    "check_quantizable",
     "integer_kernel_summary",
     "keep_float_names",
     "parse_budget",
@@ -122,6 +123,31 @@ def quantize(
     if not result.is_quantized:
         return dynamic
     return _faster(result, dynamic, check_batches[0], notes)
+
+
+def check_quantizable(model: ir.Model, source: str) -> None:
+    """A one-line error when `--int8` has nothing to work on: no Conv, Gemm or MatMul with a
+    constant float weight and no embedding table large enough for int8, in any graph. (A model
+    with such layers that all end up float says why in its report instead.)"""
+    from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
+    from onnxopt.passes._graph import constant
+
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            arrays = [constant(v) for v in node.inputs[:2]]
+            floats = [a for a in arrays if a is not None and a.dtype.kind == "f"]
+            if node.op_type in ("Conv", "Gemm", "MatMul") and floats:
+                return
+            if node.op_type == "Gather" and arrays[0] is not None and \
+                    arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
+                return
+    converse = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
+    extra = (f"; its {converse} ConvTranspose stay float (ONNX Runtime's CPU provider has no "
+             "integer kernel for them)") if converse else ""
+    raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
+                        f"with a constant float weight, no large embedding table{extra}")
 
 
 def _named(model: ir.Model) -> ir.Model:

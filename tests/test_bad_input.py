@@ -428,3 +428,25 @@ def test_input_bytes_and_mtime_unchanged_after_optimize(tmp_path, capsys, monkey
     assert path.stat().st_mtime_ns == old
     assert op_count(onnx.load(str(out)), "BatchNormalization") == 0
     assert listing(tmp_path) == {"m.onnx", "out.onnx", "r.json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# --int8 with nothing to quantize
+
+
+@pytest.mark.parametrize("with_calib", [False, True], ids=["dynamic", "calib"])
+def test_int8_on_a_model_with_nothing_to_quantize(tmp_path, capsys, monkeypatch, with_calib):
+    """Elementwise ops and a ConvTranspose only: one line naming the file and why, exit 2,
+    nothing written (not a float copy passed off as an int8 result)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("ConvTranspose", ["r", "w"], ["y"], name="up", strides=[2, 2])]
+    proto = make_model(nodes, [value_info("x", [1, 4, 8, 8])], [value_info("y", [1, 2, 16, 16])],
+                       [tensor("w", rng.standard_normal((4, 2, 2, 2)))])
+    model = save(proto, tmp_path / "up.onnx")
+    extra = ["--int8"]
+    if with_calib:
+        np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 1, 4, 8, 8)).astype(np.float32))
+        extra += ["--calib", str(tmp_path / "calib.npz")]
+    check_refused(tmp_path, capsys, monkeypatch, model, "up.onnx", "nothing to quantize",
+                  "ConvTranspose", extra=tuple(extra))
