@@ -66,9 +66,7 @@ def load_feeds(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> l
         return inputs.load_npz(options.inputs, model)
     calib = options.int8.calib if options.int8 is not None else None
     if calib is not None and str(calib) != calibrate.RANDOM:
-        data = calibrate.calibration_data(calib, model, preprocess=options.int8.preprocess,
-                                          samples=options.int8.calib_samples,
-                                          shapes=options.shapes)
+        data = int8.calibration_data(model, options.int8)
         feeds = data.batches(max(0, len(data) - options.batches))[:]
         notes.append(f"verification and timing inputs: the last {len(feeds)} batches of --calib "
                      "(pass --inputs for others)")

@@ -56,6 +56,7 @@ __all__ = [
     "Budget",
     "Int8Options",
     "Int8Result",
+    "calibration_data",
     "check_quantizable",
     "integer_kernel_summary",
     "keep_float_names",
@@ -131,6 +132,7 @@ def check_quantizable(model: ir.Model, source: str) -> None:
     with such layers that all end up float says why in its report instead.)"""
     from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
     from onnxopt.passes._graph import constant
+    from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 
     for graph in model.graphs():
         for node in graph:
@@ -143,9 +145,9 @@ def check_quantizable(model: ir.Model, source: str) -> None:
             if node.op_type == "Gather" and arrays[0] is not None and \
                     arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
                 return
-    converse = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
-    extra = (f"; its {converse} ConvTranspose stay float (ONNX Runtime's CPU provider has no "
-             "integer kernel for them)") if converse else ""
+    transposed = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
+    extra = (f"; its {transposed} ConvTranspose stay float ({CONV_TRANSPOSE_FLOAT})"
+             if transposed else "")
     raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
                         f"with a constant float weight, no large embedding table{extra}")
 
@@ -320,11 +322,16 @@ def _check(options: Int8Options) -> None:
                             f"{', '.join(METHODS)}")
 
 
+def calibration_data(model: ir.Model, options: Int8Options) -> calibrate.CalibrationData:
+    """`--calib` as `options` describe it (preprocessing, sample cap, declared shapes)."""
+    return calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
+                                      samples=options.calib_samples, shapes=options.shapes)
+
+
 def _split_data(model: ir.Model, options: Int8Options, notes: list[str]):
     """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge the
     budget and stay in memory (every trial runs them); the rest is streamed from the source."""
-    data = calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
-                                      samples=options.calib_samples, shapes=options.shapes)
+    data = calibration_data(model, options)
     notes.extend(data.notes)
     count = len(data)
     held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0

@@ -44,6 +44,7 @@ from onnxopt.passes._qdq import cpu_needs_reduce_range, ort_kernel_counts
 from onnxopt.passes._report import PassReport
 
 __all__ = [
+    "CONV_TRANSPOSE_FLOAT",
     "QuantizeInt8Options",
     "QuantizeInt8Pass",
     "cpu_needs_reduce_range",
@@ -62,8 +63,8 @@ _DATA_INPUTS = {**_LINEAR, **_OWN_SCALE, **_SHARED_SCALE}
 _RELU_FUSES_AFTER = ("Conv", "Gemm", "MatMul", "Add")
 # Measured with ORT 1.32: DQ -> ConvTranspose -> Q stays a float ConvTranspose behind a
 # DequantizeLinear of its weight on every run, so int8 would only add work there.
-_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose kernel (a QDQ "
-                   "ConvTranspose runs as float after dequantizing its weight)")
+CONV_TRANSPOSE_FLOAT = ("ONNX Runtime's CPU provider has no integer ConvTranspose kernel (a "
+                        "QDQ ConvTranspose runs as float after dequantizing its weight)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,7 @@ def _plan(graph: ir.Graph, dtypes, has_range, exclude) -> tuple[list[_Site], lis
 def _site(node: ir.Node, dtypes, has_range, exclude) -> _Site | str | None:
     """The node's quantization plan, the reason it stays float, or None if it is no candidate."""
     if node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx"):
-        return _CONV_TRANSPOSE
+        return CONV_TRANSPOSE_FLOAT
     if node.op_type not in _DATA_INPUTS or node.domain not in ("", "ai.onnx"):
         return None
     indices = _DATA_INPUTS[node.op_type] or range(len(node.inputs))
