@@ -38,7 +38,7 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         report = PassReport(model, modified=False)
         # Clip takes its bounds as inputs from opset 11; before that the patterns never match.
         opset = opset_version(model.graph)
-        if opset < 11 or not _candidates(model.graph):
+        if opset < 11 or not _candidates(model.graph, opset):
             return report
         before = {id(n) for n in model.graph}
         dtypes = infer_dtypes(model)  # exports often leave intermediate types out
@@ -56,9 +56,11 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         return report
 
 
-def _candidates(graph: ir.Graph) -> bool:
-    """onnxscript takes most of a second to import: only when a Clip is there to fuse."""
-    return any(node.op_type == "Clip" for node in graph)
+def _candidates(graph: ir.Graph, opset: int) -> bool:
+    """onnxscript takes most of a second to import: only when a Clip is there to fuse, or a
+    HardSigmoid that x * HardSigmoid(x) may turn into HardSwish."""
+    wanted = ("Clip", "HardSigmoid") if opset >= 14 else ("Clip",)
+    return any(node.op_type in wanted for node in graph)
 
 
 def _near(value: ir.Value | None, target: float) -> bool:

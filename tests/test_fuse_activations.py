@@ -131,8 +131,9 @@ def test_float64_is_left_alone():
 
 def test_int8_of_a_hardswish_cnn_fuses_the_activation_and_quantizes_the_conv(
         tmp_path, capsys, monkeypatch):
-    """The whole `optimize --int8 --calib` path on a Paddle-style Conv -> hard-swish -> Conv:
-    the activation becomes one op between the quantized Convs, the outputs stay close."""
+    """The whole `optimize --int8 --calib` path on a Paddle-style Conv -> hard-swish -> Conv at
+    opset 13: the exact passes write x * HardSigmoid(x); int8 takes the model to opset 14, where
+    it becomes one HardSwish between the quantized Convs; the outputs stay close."""
     import json
 
     import onnx
@@ -155,7 +156,9 @@ def test_int8_of_a_hardswish_cnn_fuses_the_activation_and_quantizes_the_conv(
     assert kernels.get("QLinearConv") == 1
     assert kernels.get("Conv", 0) + kernels.get("FusedConv", 0) == 1
     written = onnx.load(str(out))
-    assert op_count(written, "HardSigmoid") == 1 and op_count(written, "Clip") == 0
+    assert op_count(written, "HardSwish") == 1 and op_count(written, "HardSigmoid") == 0
+    assert op_count(written, "Clip") == 0 and written.opset_import[0].version == 14
+    assert any("upgraded opset 13 -> 14" in n for n in report["notes"]), report["notes"]
     feeds = {"x": rng.uniform(-6, 6, SHAPE).astype(np.float32)}
     want, got = run(model, feeds)[0].ravel(), run(written, feeds)[0].ravel()
     assert float(want @ got / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.99
