@@ -175,3 +175,15 @@ def test_default_pipeline_fuses_before_folding_the_scale_into_the_next_conv():
         REGISTRY[name]()(fused)
     assert [n.op_type for n in fused.graph] == ["Conv", "HardSwish", "Conv"]
     assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha,fuses", [(1 / 6, True), (0.2, False)], ids=["hardswish", "other"])
+def test_x_times_hardsigmoid_becomes_hardswish_from_opset_14(alpha, fuses):
+    """What the pass wrote before opset 14 (and what int8 upgrades to 14) is one HardSwish
+    there; a HardSigmoid with other constants is not a hard-swish and stays."""
+    nodes = [helper.make_node("HardSigmoid", ["x"], ["h"], alpha=alpha, beta=0.5),
+             helper.make_node("Mul", ["x", "h"], ["y"])]
+    model = make_model(nodes, [value_info("x", SHAPE)], [value_info("y", SHAPE)], opset=14)
+    fused, report = _fused(model)
+    assert op_count(fused, "HardSwish") == (1 if fuses else 0), report.log
+    assert_same_outputs(model, fused, _feeds(), rtol=1e-5, atol=1e-5)
