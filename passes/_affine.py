@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
-__all__ = ["Unit", "find_unit", "per_channel", "fold_after"]
+__all__ = ["Unit", "find_unit", "fold_after", "per_channel", "replace"]
 
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -146,3 +146,11 @@ def fold_after(
     add = ir.node("Add", [matmul.outputs[0], bias_value],
                   name=unit.bias_add.name if unit.bias_add else f"{base}_bias")
     return [matmul, add], add.outputs[0]
+
+
+def replace(graph, old_nodes, new_nodes, old_output: ir.Value, new_output: ir.Value) -> None:
+    """Swap `old_nodes` (None entries skipped) for `new_nodes`, `old_output` for `new_output`."""
+    old_nodes = [n for n in old_nodes if n is not None]
+    ir.convenience.replace_nodes_and_values(
+        graph, old_nodes[-1], old_nodes, new_nodes, [old_output], [new_output]
+    )
