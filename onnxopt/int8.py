@@ -22,9 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common
 
-from onnxopt import activations, calibrate, pipeline, verify
+from onnxopt import activations, verify
 from onnxopt.errors import BadInputError
 from onnxopt.int8_budget import (
     Budget,
@@ -47,6 +46,13 @@ from onnxopt.int8_options import (
     keep_float_names,
     kept_float,
 )
+from onnxopt.int8_prepare import (
+    at_int8_opset,
+    calibration_data,
+    check_quantizable,
+    named,
+    split_data,
+)
 
 __all__ = [
     "CLIP_WEIGHTS",
@@ -67,8 +73,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_HELD_OUT = 0.2
-_MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
 
 
 def quantize(
@@ -83,7 +87,7 @@ def quantize(
     `feeds` judge the dynamic model's budget (static holds out calibration batches)."""
     say = progress or (lambda _: None)
     check_choices(options)
-    model = _named(model)
+    model = named(model)
     kept = keep_float_names(model, options)  # a pattern naming nothing fails before calibrating
     if kept:
         shown = ", ".join(repr(n) for n in kept[:5]) + (", ..." if len(kept) > 5 else "")
@@ -96,14 +100,14 @@ def quantize(
                                 "(TensorRT has no dynamic int8)")
         if options.calib is None:
             return quantize_dynamic(model, options, feeds or [], notes, progress=say)
-        calib_batches, check_batches = _split_data(model, options, notes)
+        calib_batches, check_batches = split_data(model, options, notes)
         return quantize_dynamic(model, options, check_batches, notes, progress=say,
                                 calib_batches=calib_batches)
     _check(options)
     if options.smooth and options.mode == "static":
         notes.append("--smooth applies to dynamic int8 (MatMul/Gemm); static int8 does not "
                      "use it")
-    calib_batches, check_batches = _split_data(model, options, notes)
+    calib_batches, check_batches = split_data(model, options, notes)
     result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
     if (result.is_quantized and not result.kept_float) or options.mode != "auto" \
             or options.target != "ort-cpu" or not _dynamic_candidates(model):
@@ -126,42 +130,6 @@ def quantize(
     return _faster(result, dynamic, check_batches[0], notes)
 
 
-def check_quantizable(model: ir.Model, source: str) -> None:
-    """A one-line error when `--int8` has nothing to work on: no Conv, Gemm or MatMul with a
-    constant float weight and no embedding table large enough for int8, in any graph. (A model
-    with such layers that all end up float says why in its report instead.)"""
-    from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
-    from onnxopt.passes._graph import constant
-    from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
-
-    for graph in model.graphs():
-        for node in graph:
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            arrays = [constant(v) for v in node.inputs[:2]]
-            floats = [a for a in arrays if a is not None and a.dtype.kind == "f"]
-            if node.op_type in ("Conv", "Gemm", "MatMul") and floats:
-                return
-            if node.op_type == "Gather" and arrays[0] is not None and \
-                    arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
-                return
-    transposed = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
-    extra = (f"; its {transposed} ConvTranspose stay float ({CONV_TRANSPOSE_FLOAT})"
-             if transposed else "")
-    raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
-                        f"with a constant float weight, no large embedding table{extra}")
-
-
-def _named(model: ir.Model) -> ir.Model:
-    """The model, or a copy whose unnamed nodes have names: the budget's fallback, SmoothQuant
-    and `--keep-float` pick layers by node name (copies share the weights)."""
-    if all(node.name for graph in model.graphs() for node in graph):
-        return model
-    named = model.clone()
-    common.NameFixPass()(named)
-    return named
-
-
 def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) -> Int8Result:
     """Both hold the budget: the one ORT CPU runs faster (p50, interleaved)."""
     ratio, low, high = latency_ratio(static.model, dynamic.model, feeds)
@@ -181,7 +149,7 @@ def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], sa
                      calib_batches, check_batches) -> Int8Result:
     from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
 
-    base = _at_int8_opset(model, notes)  # before choosing tensors: the pass needs 13
+    base = at_int8_opset(model, notes)  # before choosing tensors: the pass needs 13
     if options.equalize:
         base = _equalized(base, notes)
     tensors = quantize_int8.quantizable_tensors(base, options.target)
@@ -320,65 +288,6 @@ def _check(options: Int8Options) -> None:
     if options.calib_method not in METHODS:
         raise BadInputError(f"--calib-method {options.calib_method!r}: choose from "
                             f"{', '.join(METHODS)}")
-
-
-def calibration_data(model: ir.Model, options: Int8Options) -> calibrate.CalibrationData:
-    """`--calib` as `options` describe it (preprocessing, sample cap, declared shapes)."""
-    return calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
-                                      samples=options.calib_samples, shapes=options.shapes)
-
-
-def _split_data(model: ir.Model, options: Int8Options, notes: list[str]):
-    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge the
-    budget and stay in memory (every trial runs them); the rest is streamed from the source."""
-    data = calibration_data(model, options)
-    notes.extend(data.notes)
-    count = len(data)
-    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
-    calib_batches = data.batches(0, count - held)
-    if not held:
-        notes.append("one calibration batch: the accuracy budget is judged on the same batch")
-        return calib_batches, calib_batches[:]
-    return calib_batches, data.batches(count - held)[:]
-
-
-def _at_int8_opset(model: ir.Model, notes: list[str]) -> ir.Model:
-    """Opset 13 at least: per-channel DequantizeLinear needs its axis attribute. Opset 14 when
-    the model has x * HardSigmoid(x) (hard-swish before opset 14): one HardSwish there leaves
-    three float ops between two QLinearConv instead of four (PP-OCR det: int8 0.75 -> 0.72 of
-    the original's latency at 1 thread)."""
-    from onnxopt.passes import FuseActivationsPass
-
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    target = 14 if opset < 14 and _has_split_hardswish(model.graph) else 13
-    if opset >= target:
-        return model
-    why = ("per-channel DequantizeLinear needs its axis attribute" if target == 13 else
-           "per-channel DequantizeLinear needs 13, one HardSwish per x * HardSigmoid(x) 14")
-    try:
-        upgraded = pipeline.upgrade_opset(model, target)
-    except BadInputError:
-        if target == 13 or opset >= 13:
-            raise  # 13 is a must; 14 only a gain
-        target, why = 13, "per-channel DequantizeLinear needs its axis attribute"
-        upgraded = pipeline.upgrade_opset(model, target)
-    notes.append(f"upgraded opset {opset} -> {target} with onnx's version converter ({why})")
-    if target == 14:
-        FuseActivationsPass()(upgraded)
-    return upgraded
-
-
-def _has_split_hardswish(graph: ir.Graph) -> bool:
-    """Whether some Mul multiplies x by HardSigmoid(x)."""
-    for node in graph:
-        if node.op_type != "Mul" or len(node.inputs) != 2 or None in node.inputs:
-            continue
-        for a, b in (node.inputs, node.inputs[::-1]):
-            producer = b.producer()
-            if producer is not None and producer.op_type == "HardSigmoid" and \
-                    producer.inputs[0] is a:
-                return True
-    return False
 
 
 def _reduce_range(options: Int8Options, notes: list[str]) -> bool:

@@ -388,7 +388,7 @@ def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_pa
     held-out part is capped at 32 batches, so Python-side peak memory stays a few MB."""
     import tracemalloc
 
-    from onnxopt import int8
+    from onnxopt import int8, int8_prepare
 
     model = relu_model([1, 1, 128, 128])
     path = tmp_path / "calib.npz"
@@ -397,7 +397,7 @@ def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_pa
     options = int8.Int8Options(calib=str(path))
     tracemalloc.start()
     try:
-        calib, held = int8._split_data(model, options, [])
+        calib, held = int8_prepare.split_data(model, options, [])
         stats = collect_stats(model, calib, ["y"])
         _, peak = tracemalloc.get_traced_memory()
     finally:

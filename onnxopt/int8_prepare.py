@@ -1,0 +1,116 @@
+"""What `--int8` needs before it calibrates: a model it can touch (`check_quantizable`), named
+nodes (the fallback and `--keep-float` pick layers by name), an opset with per-channel
+DequantizeLinear (`at_int8_opset`), and the calibration data split into a streamed calibration
+part and a held-out part that judges the budget (`split_data`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from onnxopt import calibrate, pipeline
+from onnxopt.errors import BadInputError
+from onnxopt.int8_options import Int8Options
+
+__all__ = ["at_int8_opset", "calibration_data", "check_quantizable", "named", "split_data"]
+
+_HELD_OUT = 0.2
+_MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
+
+
+def check_quantizable(model: ir.Model, source: str) -> None:
+    """A one-line error when `--int8` has nothing to work on: no Conv, Gemm or MatMul with a
+    constant float weight and no embedding table large enough for int8, in any graph. (A model
+    with such layers that all end up float says why in its report instead.)"""
+    from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
+    from onnxopt.passes._graph import constant
+    from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
+
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            arrays = [constant(v) for v in node.inputs[:2]]
+            floats = [a for a in arrays if a is not None and a.dtype.kind == "f"]
+            if node.op_type in ("Conv", "Gemm", "MatMul") and floats:
+                return
+            if node.op_type == "Gather" and arrays[0] is not None and \
+                    arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
+                return
+    transposed = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
+    extra = (f"; its {transposed} ConvTranspose stay float ({CONV_TRANSPOSE_FLOAT})"
+             if transposed else "")
+    raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
+                        f"with a constant float weight, no large embedding table{extra}")
+
+
+def named(model: ir.Model) -> ir.Model:
+    """The model, or a copy whose unnamed nodes have names: the budget's fallback, SmoothQuant
+    and `--keep-float` pick layers by node name (copies share the weights)."""
+    if all(node.name for graph in model.graphs() for node in graph):
+        return model
+    named = model.clone()
+    common.NameFixPass()(named)
+    return named
+
+
+def calibration_data(model: ir.Model, options: Int8Options) -> calibrate.CalibrationData:
+    """`--calib` as `options` describe it (preprocessing, sample cap, declared shapes)."""
+    return calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
+                                      samples=options.calib_samples, shapes=options.shapes)
+
+
+def split_data(model: ir.Model, options: Int8Options, notes: list[str]):
+    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge the
+    budget and stay in memory (every trial runs them); the rest is streamed from the source."""
+    data = calibration_data(model, options)
+    notes.extend(data.notes)
+    count = len(data)
+    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
+    calib_batches = data.batches(0, count - held)
+    if not held:
+        notes.append("one calibration batch: the accuracy budget is judged on the same batch")
+        return calib_batches, calib_batches[:]
+    return calib_batches, data.batches(count - held)[:]
+
+
+def at_int8_opset(model: ir.Model, notes: list[str]) -> ir.Model:
+    """Opset 13 at least: per-channel DequantizeLinear needs its axis attribute. Opset 14 when
+    the model has x * HardSigmoid(x) (hard-swish before opset 14): one HardSwish there leaves
+    three float ops between two QLinearConv instead of four (PP-OCR det: int8 0.75 -> 0.72 of
+    the original's latency at 1 thread)."""
+    from onnxopt.passes import FuseActivationsPass
+
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    target = 14 if opset < 14 and _has_split_hardswish(model.graph) else 13
+    if opset >= target:
+        return model
+    why = ("per-channel DequantizeLinear needs its axis attribute" if target == 13 else
+           "per-channel DequantizeLinear needs 13, one HardSwish per x * HardSigmoid(x) 14")
+    try:
+        upgraded = pipeline.upgrade_opset(model, target)
+    except BadInputError:
+        if target == 13 or opset >= 13:
+            raise  # 13 is a must; 14 only a gain
+        target, why = 13, "per-channel DequantizeLinear needs its axis attribute"
+        upgraded = pipeline.upgrade_opset(model, target)
+    notes.append(f"upgraded opset {opset} -> {target} with onnx's version converter ({why})")
+    if target == 14:
+        FuseActivationsPass()(upgraded)
+    return upgraded
+
+
+def _has_split_hardswish(graph: ir.Graph) -> bool:
+    """Whether some Mul multiplies x by HardSigmoid(x)."""
+    for node in graph:
+        if node.op_type != "Mul" or len(node.inputs) != 2 or None in node.inputs:
+            continue
+        for a, b in (node.inputs, node.inputs[::-1]):
+            producer = b.producer()
+            if producer is not None and producer.op_type == "HardSigmoid" and \
+                    producer.inputs[0] is a:
+                return True
+    return False
