@@ -134,7 +134,6 @@ def _move_scale_past_shift(graph, names, node: ir.Node, x: ir.Value, shift: np.n
 # must stay, or ORT runs four to nine elementwise kernels instead of one (MiniLM: BiasGelu
 # 0.67 ms -> Add/Erf/Div/Mul 1.1 ms per run when GELU's 0.5 went into the next MatMul).
 _FUSED_PATTERN_MARKERS = frozenset({"Erf", "Tanh", "Sqrt", "Pow", "ReduceMean"})
-_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
 
 
 def _in_a_fused_pattern(value: ir.Value, depth: int = 4) -> bool:
@@ -145,7 +144,7 @@ def _in_a_fused_pattern(value: ir.Value, depth: int = 4) -> bool:
         producers = [v.producer() for v in frontier if v is not None and v.producer()]
         if any(p.op_type in _FUSED_PATTERN_MARKERS for p in producers):
             return True
-        frontier = [v for p in producers if p.op_type in _ELEMENTWISE for v in p.inputs]
+        frontier = [v for p in producers if p.op_type in _AFFINE_OPS for v in p.inputs]
         if not frontier:
             return False
     return False
