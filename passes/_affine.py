@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
-__all__ = ["Unit", "find_unit", "fold_after", "per_channel", "replace"]
+__all__ = ["Unit", "channel_vector", "find_unit", "fold_after", "per_channel", "replace"]
 
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -96,20 +96,27 @@ def _unit(node: ir.Node, bias_add: ir.Node | None, weight: np.ndarray, value) ->
 
 
 def per_channel(c: np.ndarray, unit: Unit) -> np.ndarray | None:
-    """`c` as a [channels] vector when broadcasting it against the unit's output only varies
-    along the channel axis and never grows the output's rank; else None."""
-    rank, axis = unit.rank, unit.channel_axis
+    """`c` as a [channels] vector of the unit's output channels, or None (`channel_vector`)."""
+    return channel_vector(c, unit.rank, unit.channels,
+                          last=unit.node.op_type not in ("Conv", "ConvTranspose"))
+
+
+def channel_vector(c: np.ndarray, rank: int | None, channels: int, *,
+                   last: bool) -> np.ndarray | None:
+    """`c` as a [channels] vector when broadcasting it against a rank-`rank` tensor only varies
+    along the channel axis (the last one, or axis 1) and never grows the tensor's rank; else
+    None. With the rank unknown, only a [channels] vector on the last axis is certain."""
     if c.size == 1 and c.ndim <= (rank if rank is not None else 1):
-        return np.full(unit.channels, c.item(), dtype=np.float64)
-    if rank is None or axis is None:
-        return c.astype(np.float64) if c.shape == (unit.channels,) else None
-    if c.ndim > rank:
+        return np.full(channels, c.item(), dtype=np.float64)
+    if rank is None:
+        return c.astype(np.float64) if last and c.shape == (channels,) else None
+    if c.ndim > rank or (not last and rank < 2):
         return None
     shape = (1,) * (rank - c.ndim) + c.shape
-    others = [d for i, d in enumerate(shape) if i != axis]
-    if shape[axis] != unit.channels or any(d != 1 for d in others):
+    axis = rank - 1 if last else 1
+    if shape[axis] != channels or any(d != 1 for i, d in enumerate(shape) if i != axis):
         return None
-    return c.reshape(unit.channels).astype(np.float64)
+    return c.reshape(channels).astype(np.float64)
 
 
 def fold_after(

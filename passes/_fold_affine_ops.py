@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes._affine import Unit, find_unit, fold_after, per_channel, replace
-from onnxopt.passes._fold_before import channel_vector, fold_before, input_channels
+from onnxopt.passes._affine import (
+    Unit,
+    channel_vector,
+    find_unit,
+    fold_after,
+    per_channel,
+    replace,
+)
+from onnxopt.passes._fold_before import fold_before, input_channels
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 from onnxopt.passes._report import PassReport
 
@@ -82,7 +89,7 @@ def _fold_affine_op_before(graph, names, node: ir.Node, x: ir.Value, array: np.n
     if found is None or weight is None or weight.dtype != array.dtype:
         return False
     channels, where = found
-    vector = channel_vector(array, rank_of(x), channels, where)  # x's rank: c must not grow x
+    vector = channel_vector(array, rank_of(x), channels, last=where == "last")  # c must not grow x
     if vector is None or (node.op_type == "Div" and np.any(vector == 0)):
         return False
     scale, shift = _affine(node.op_type, vector)
@@ -110,7 +117,7 @@ def _move_scale_past_shift(graph, names, node: ir.Node, x: ir.Value, shift: np.n
     if _in_a_fused_pattern(h):
         return False
     rank = rank_of(h)
-    vector = channel_vector(array, rank, shift.size, "first")
+    vector = channel_vector(array, rank, shift.size, last=False)
     if vector is None or rank is None or rank < 2 or np.any(vector == 0):
         return False
     scale = vector if scaler.op_type == "Mul" else 1.0 / vector

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, rank_of
 
-__all__ = ["channel_vector", "fold_before", "input_channels"]
+__all__ = ["fold_before", "input_channels"]
 
 
 def input_channels(consumer: ir.Node) -> tuple[int, str] | None:
@@ -33,20 +33,6 @@ def input_channels(consumer: ir.Node) -> tuple[int, str] | None:
             return None
         return weight.shape[1 if consumer.attributes.get_int("transB", 0) else 0], "last"
     return (weight.shape[0], "last") if weight.ndim == 2 else None
-
-
-def channel_vector(c: np.ndarray, rank: int | None, channels: int, where: str) -> np.ndarray | None:
-    """`c` as a [channels] vector when broadcasting it against a rank-`rank` input only varies
-    along the channel axis (axis 1, or the last one) and never grows the input; else None."""
-    if c.size == 1 and (c.ndim <= 1 or (rank is not None and c.ndim <= rank)):
-        return np.full(channels, c.item(), dtype=np.float64)
-    if rank is None or c.ndim > rank or rank < 2:
-        return None
-    shape = (1,) * (rank - c.ndim) + c.shape
-    axis = 1 if where == "first" else rank - 1
-    if shape[axis] != channels or any(d != 1 for i, d in enumerate(shape) if i != axis):
-        return None
-    return c.reshape(channels).astype(np.float64)
 
 
 def fold_before(
