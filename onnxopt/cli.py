@@ -114,6 +114,10 @@ def optimize(
     smooth: Annotated[Optional[bool], typer.Option(
         "--smooth/--no-smooth",
         help="SmoothQuant before dynamic int8 (default: kept where it helps).")] = None,
+    split_outliers: Annotated[Optional[bool], typer.Option(
+        "--split-outliers/--no-split-outliers",
+        help="Dynamic int8: a MatMul's few outlier input channels in float "
+             "(default: kept where it helps).")] = None,
     keep_float: Annotated[Optional[str], typer.Option(
         help="int8: node names to keep float, comma-separated regular expressions.")] = None,
     transfer_from: Annotated[Optional[str], typer.Option(
@@ -128,7 +132,8 @@ def optimize(
                                         check_speed=not allow_slower, mode=quant_mode,
                                         target=target, clip_weights=clip_weights,
                                         bias_correction=bias_correction, equalize=equalize,
-                                        keep_float=keep_float, smooth=smooth)
+                                        keep_float=keep_float, smooth=smooth,
+                                        split_outliers=split_outliers)
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,

@@ -104,9 +104,10 @@ def quantize(
         return quantize_dynamic(model, options, check_batches, notes, progress=say,
                                 calib_batches=calib_batches)
     _check(options)
-    if options.smooth and options.mode == "static":
-        notes.append("--smooth applies to dynamic int8 (MatMul/Gemm); static int8 does not "
-                     "use it")
+    for flag, name in ((options.smooth, "--smooth"), (options.split_outliers, "--split-outliers")):
+        if flag and options.mode == "static":
+            notes.append(f"{name} applies to dynamic int8 (MatMul/Gemm); static int8 does not "
+                         "use it")
     calib_batches, check_batches = split_data(model, options, notes)
     result = _quantize_static(model, options, notes, say, calib_batches, check_batches)
     if (result.is_quantized and not result.kept_float) or options.mode != "auto" \

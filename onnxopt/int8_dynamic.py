@@ -2,9 +2,9 @@
 weights int8 per column, activations quantized by ORT at run time (DynamicQuantizeMatMul).
 
 Variants measured against fp32 on the budget's batches: 8- or 7-bit weights (reduce_range), and
-with calibration data the same on a SmoothQuant copy (`onnxopt.smoothing`); the closest to fp32
-is kept, or, when none holds the budget with every layer int8, the one whose fallback keeps the
-fewest layers float.
+with calibration data the same on a SmoothQuant copy and on an outlier-split copy
+(`onnxopt.smoothing`); the closest to fp32 is kept, or, when none holds the budget with every
+layer int8, the one whose fallback keeps the fewest layers float.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     if not feeds:
         raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
                             "--no-verify, or pass --inputs")
-    variants, smoothed = _dynamic_variants(model, options, feeds, calib_batches, notes)
-    chosen, outcome = _chosen_variant(variants, smoothed, notes, progress)
+    variants = _dynamic_variants(model, options, feeds, calib_batches, notes)
+    chosen, outcome = _chosen_variant(variants, notes, progress)
     reduce_range = chosen.reduce_range
     quantized, report, checked = outcome.model, outcome.report, outcome.verification
     holds, why = outcome.holds, outcome.why
@@ -72,55 +72,71 @@ class _Variant:
     reduce_range: bool
     trial: _DynamicTrial
     outcome: Outcome
-    smoothed: bool
+    rewrite: str  # "": the model as given; else SMOOTH or SPLIT, applied first
+
+
+SMOOTH, SPLIT = "SmoothQuant", "outlier split"
 
 
 def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
-                      calib_batches: list | None, notes: list[str]
-                      ) -> tuple[list[_Variant], int]:
-    """The plain variant and, with calibration data, a SmoothQuant one (per-tensor activation
-    scales lose the small channels next to a few outlier ones); how many activations smoothing
-    rescaled. 7-bit weights avoid int16 saturation without VNNI but cost precision, and with
-    activations quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8
+                      calib_batches: list | None, notes: list[str]) -> list[_Variant]:
+    """The plain variant and, with calibration data, a SmoothQuant one and an outlier-split one:
+    per-tensor activation scales lose the small channels next to a few outlier ones; SmoothQuant
+    moves the outliers into the weights, the split computes them apart in float. Each rewrite is
+    measured, not assumed (MiniLM: smoothing needed 35 layers float to hold the budget, the
+    split 2, none 11). 7-bit weights avoid int16 saturation without VNNI but cost precision, and
+    with activations quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8
     bits, 0.72 at 7), so unless told, each variant keeps the closer of the two widths."""
     reference = verify.reference_outputs(model, feeds)
     choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
     kept = keep_float_names(model, options)
 
-    def measured(base: ir.Model, smoothed: bool) -> _Variant:
+    def measured(base: ir.Model, rewrite: str, extra: tuple[str, ...] = ()) -> _Variant:
         found = []
         for reduce_range in choices:
             trial = _DynamicTrial(base, reduce_range, options.clip_weights, feeds, reference,
-                                  options.budget, kept=kept)
+                                  options.budget, kept=kept + extra)
             outcome = trial.run(())
             worst = min((o.cosine for o in outcome.verification.outputs), default=-1.0)
-            found.append(_Variant(worst, reduce_range, trial, outcome, smoothed))
+            found.append(_Variant(worst, reduce_range, trial, outcome, rewrite))
             if not outcome.report.counts.get("quantized"):
                 break
         return max(found, key=lambda v: v.worst)
 
-    plain = measured(model, False)
+    plain = measured(model, "")
     layers = quantized_layers(plain.outcome.report.log)
-    if options.smooth and not calib_batches:
-        notes.append("--smooth needs --calib (per-channel activation ranges); not applied")
-    if not calib_batches or not layers or options.smooth is False:
-        return [plain], 0
-    base, count = smoothing.smoothed(model, layers, calib_batches)
-    if not count:
-        return [plain], 0
-    smooth = measured(base, True)
-    return ([smooth] if options.smooth else [plain, smooth]), count
+    for flag, name in ((options.smooth, "--smooth"), (options.split_outliers, "--split-outliers")):
+        if flag and not calib_batches:
+            notes.append(f"{name} needs --calib (per-channel activation ranges); not applied")
+    wanted = [(rewrite, flag) for rewrite, flag in ((SMOOTH, options.smooth),
+                                                    (SPLIT, options.split_outliers))
+              if flag is not False]
+    if not calib_batches or not layers or not wanted:
+        return [plain]
+    absmax = smoothing.input_ranges(model, layers, calib_batches)
+    measured_rewrites, forced = [], []
+    for rewrite, flag in wanted:
+        if rewrite == SMOOTH:
+            base, count = smoothing.smoothed(model, layers, absmax)
+            products: tuple[str, ...] = ()
+            what = f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul groups"
+        else:
+            base, count, products = smoothing.split(model, layers, absmax)
+            what = (f"{SPLIT} (the few outlier input channels of {count} MatMul groups "
+                    "computed apart in float)")
+        if not count:
+            continue
+        variant = measured(base, rewrite, products)
+        notes.append(f"{what}: worst-output cosine {plain.worst:.4f} -> {variant.worst:.4f} "
+                     "with all int8")
+        (forced if flag else measured_rewrites).append(variant)
+    return forced or [plain, *measured_rewrites]
 
 
-def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
+def _chosen_variant(variants: list[_Variant], notes: list[str],
                     progress: Callable[[str], None]) -> tuple[_Variant, Outcome]:
     """The variant whose all-int8 model holds the budget closest to fp32; when none holds,
     the one whose fallback keeps the fewest layers float (then: the better worst SQNR)."""
-    if count:
-        worst = {v.smoothed: v.worst for v in variants}
-        shown = " -> ".join(f"{worst[k]:.4f}" for k in (False, True) if k in worst)
-        notes.append(f"SmoothQuant (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul "
-                     f"groups: worst-output cosine {shown} with all int8")
     holding = [v for v in variants if v.outcome.holds]
     if holding or not variants[0].outcome.report.counts.get("quantized"):
         chosen = max(holding or variants, key=lambda v: v.worst)
@@ -133,21 +149,22 @@ def _chosen_variant(variants: list[_Variant], count: int, notes: list[str],
     chosen, outcome, said = max(results, key=lambda r: (r[1].holds, -len(r[1].excluded),
                                                         r[1].score))
     if len(results) > 1:
-        notes.append(_smoothing_verdict([(v.smoothed, o) for v, o, _ in results], chosen))
+        notes.append(_fallback_verdict([(v.rewrite, o) for v, o, _ in results], chosen))
     notes.extend(said)
     return chosen, outcome
 
 
-def _smoothing_verdict(outcomes: list[tuple[bool, Outcome]], chosen: _Variant) -> str:
-    """One line: what the budget's fallback needed with and without SmoothQuant."""
+def _fallback_verdict(outcomes: list[tuple[str, Outcome]], chosen: _Variant) -> str:
+    """One line: what the budget's fallback needed with each rewrite, and which was kept."""
     if not any(outcome.holds for _, outcome in outcomes):
-        return ("SmoothQuant: the budget was missed with and without it, even with layers "
-                "back in float")
-    held = {smoothed: (f"held with {len(o.excluded)} layer{'s' * (len(o.excluded) != 1)} float"
-                       if o.holds else "was missed even with layers back in float")
-            for smoothed, o in outcomes}
-    return (f"SmoothQuant {'kept' if chosen.smoothed else 'left out'}: with it the budget "
-            f"{held[True]}; without it, {held[False]}")
+        return ("the budget was missed with every variant (" +
+                ", ".join(rewrite or "plain" for rewrite, _ in outcomes) +
+                "), even with layers back in float")
+    held = [f"{rewrite or 'plain'}: " +
+            (f"held with {len(o.excluded)} layer{'s' * (len(o.excluded) != 1)} float"
+             if o.holds else "missed even with layers back in float")
+            for rewrite, o in outcomes]
+    return f"kept {chosen.rewrite or 'plain dynamic int8'} ({'; '.join(held)})"
 
 
 @dataclasses.dataclass

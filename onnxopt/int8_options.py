@@ -51,6 +51,9 @@ class Int8Options:
     # SmoothQuant before dynamic int8 (needs --calib for per-channel activation ranges):
     # None: measured both ways, kept where the worst output is closer to fp32; True/False force.
     smooth: bool | None = None
+    # The few outlier input channels of a MatMul computed apart in float (split-outliers), the
+    # rest int8; needs --calib. None: measured like smoothing; True/False force it.
+    split_outliers: bool | None = None
 
 
 @dataclasses.dataclass

@@ -1,13 +1,13 @@
-"""SmoothQuant for int8 MatMuls: per-channel activation ranges from calibration data, then the
-smooth-activations pass on a copy of the model.
+"""Per-channel activation ranges for int8 MatMuls, and the two exact rewrites built on them:
+SmoothQuant (smooth-activations) and the outlier split (split-outliers), each on a copy.
 
 The ranges are reduced batch by batch into one running max |x| per channel (memory: one vector
-per smoothed activation, whatever the number of batches).
+per activation, whatever the number of batches); both rewrites share one measurement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnxopt import activations
 from onnxopt.inputs import Feeds
 
-__all__ = ["ALPHA", "channel_absmax", "smoothed"]
+__all__ = ["ALPHA", "channel_absmax", "input_ranges", "smoothed", "split"]
 
 ALPHA = 0.5  # SmoothQuant's default; the int8 step keeps smoothing only where it measures better
 
@@ -34,18 +34,40 @@ def channel_absmax(model: ir.Model, names: Sequence[str],
     return found
 
 
-def smoothed(model: ir.Model, nodes: Sequence[str], batches: Sequence[Feeds],
-             alpha: float = ALPHA) -> tuple[ir.Model, int]:
-    """A smoothed copy of `model` for the MatMul/Gemm `nodes` (node names), and how many
-    activations were smoothed (0: the copy is unchanged)."""
-    from onnxopt.passes import smooth_activations as smooth  # passes import onnxopt: late
+def input_ranges(model: ir.Model, nodes: Sequence[str],
+                 batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of the inputs of the MatMul/Gemm `nodes` (node names) that the
+    rewrites below could act on; {} when there are none."""
+    from onnxopt.passes import _matmul_inputs  # passes import onnxopt: late
 
-    wanted = frozenset(nodes)
-    names = smooth.candidate_inputs(model.graph, wanted)
-    if not names or not batches:
+    names = _matmul_inputs.candidate_inputs(model.graph, frozenset(nodes))
+    return channel_absmax(model, names, batches) if names else {}
+
+
+def smoothed(model: ir.Model, nodes: Sequence[str], absmax: Mapping[str, np.ndarray],
+             alpha: float = ALPHA) -> tuple[ir.Model, int]:
+    """A smoothed copy of `model` for the MatMul/Gemm `nodes`, and how many activations were
+    smoothed (0: the copy is unchanged)."""
+    from onnxopt.passes import smooth_activations as smooth
+
+    if not absmax:
         return model, 0
-    absmax = channel_absmax(model, names, batches)
     copy = model.clone()
     report = smooth.SmoothActivationsPass(smooth.SmoothActivationsOptions(
-        absmax=absmax, alpha=alpha, nodes=wanted))(copy)
+        absmax=absmax, alpha=alpha, nodes=frozenset(nodes)))(copy)
     return report.model, report.counts.get("smoothed", 0)
+
+
+def split(model: ir.Model, nodes: Sequence[str], absmax: Mapping[str, np.ndarray]
+          ) -> tuple[ir.Model, int, tuple[str, ...]]:
+    """A copy of `model` whose MatMul/Gemm `nodes` have their outlier input channels computed
+    apart; how many activations were split, and the new float MatMuls (int8 must skip them)."""
+    from onnxopt.passes import split_outliers
+
+    if not absmax:
+        return model, 0, ()
+    copy = model.clone()
+    rewrite = split_outliers.SplitOutliersPass(split_outliers.SplitOutliersOptions(
+        absmax=absmax, nodes=frozenset(nodes)))
+    report = rewrite(copy)
+    return report.model, report.counts.get("split", 0), tuple(rewrite.outlier_products)

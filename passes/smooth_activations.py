@@ -30,10 +30,11 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
+from onnxopt.passes import _matmul_inputs
 from onnxopt.passes._graph import NameSource, constant, describe, new_initializer
 from onnxopt.passes._report import PassReport
 
-__all__ = ["SmoothActivationsOptions", "SmoothActivationsPass", "candidate_inputs"]
+__all__ = ["SmoothActivationsOptions", "SmoothActivationsPass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,77 +57,34 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> PassReport:
         report = PassReport(model, modified=False)
         graph, names = model.graph, NameSource(model.graph)
-        for value, readers in _readers(graph, self.options).items():
-            scale = self._scale(value, readers)
+        for value, nodes in _matmul_inputs.readers(graph, self.options.absmax,
+                                                  self.options.nodes).items():
+            scale = self._scale(value, nodes)
             if scale is None:
                 continue
-            where = _fold_into_producer(graph, names, value, readers, 1.0 / scale)
+            where = _fold_into_producer(graph, names, value, nodes, 1.0 / scale)
             if where is None:
-                where = _insert_mul(graph, names, value, readers, 1.0 / scale)
-            for node in readers:
+                where = _insert_mul(graph, names, value, nodes, 1.0 / scale)
+            for node in nodes:
                 _scale_weight_rows(graph, names, node, scale)
             spread = float(self.options.absmax[value.name].max()
                            / max(np.median(self.options.absmax[value.name]), 1e-30))
             report.change("smoothed", f"smoothed {value.name!r} ({where}) for "
-                          f"{', '.join(describe(n) for n in readers)}: channel range "
+                          f"{', '.join(describe(n) for n in nodes)}: channel range "
                           f"max/median {spread:.1f}")
         if report.modified:
             common.RemoveUnusedNodesPass()(model)  # the weights the scaled ones replaced
         return report
 
-    def _scale(self, value: ir.Value, readers: list[ir.Node]) -> np.ndarray | None:
+    def _scale(self, value: ir.Value, nodes: list[ir.Node]) -> np.ndarray | None:
         """s per input channel, or None when nothing would change."""
         a = np.asarray(self.options.absmax[value.name], dtype=np.float64)
-        w = np.max([np.abs(_weight_rows(n)).max(axis=1) for n in readers], axis=0)
+        w = np.max([np.abs(_matmul_inputs.weight_rows(n)).max(axis=1) for n in nodes], axis=0)
         alpha = self.options.alpha
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             s = np.power(a, alpha) / np.power(w, 1.0 - alpha)
         s = np.where(np.isfinite(s) & (s > 0) & (a > 0) & (w > 0), s, 1.0)
         return None if np.all(s == 1.0) else s
-
-
-def candidate_inputs(graph: ir.Graph, nodes: frozenset[str] | None = None) -> list[str]:
-    """Names of the values the pass would smooth (whose per-channel max |x| it needs)."""
-    found = {}
-    for node in graph:
-        if (nodes is None or node.name in nodes) and _weight_rows(node) is not None \
-                and not node.inputs[0].is_initializer():  # a weight a caller may override
-            found[node.inputs[0].name] = True
-    return [name for name in found if name]
-
-
-def _readers(graph: ir.Graph, options: SmoothActivationsOptions
-             ) -> dict[ir.Value, list[ir.Node]]:
-    """Smoothable activation -> the candidate MatMul/Gemm nodes that read it (graph order)."""
-    readers: dict[ir.Value, list[ir.Node]] = {}
-    for node in graph:
-        if options.nodes is not None and node.name not in options.nodes:
-            continue
-        rows = _weight_rows(node)
-        value = node.inputs[0]
-        stats = options.absmax.get(value.name) if value is not None else None
-        if rows is None or stats is None or np.shape(stats) != (rows.shape[0],) \
-                or value.is_initializer():
-            continue
-        if value.dtype not in (None, ir.DataType.FLOAT):
-            continue
-        readers.setdefault(value, []).append(node)
-    return readers
-
-
-def _weight_rows(node: ir.Node) -> np.ndarray | None:
-    """The weight as [K, N] (rows = input channels) of a candidate MatMul/Gemm, else None."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
-        return None
-    if node.op_type == "MatMul":
-        w = constant(node.inputs[1])
-        return w if w is not None and w.dtype == np.float32 and w.ndim == 2 else None
-    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
-        w = constant(node.inputs[1])
-        if w is None or w.dtype != np.float32 or w.ndim != 2:
-            return None
-        return w.T if node.attributes.get_int("transB", 0) else w
-    return None
 
 
 def _scale_weight_rows(graph: ir.Graph, names: NameSource, node: ir.Node,

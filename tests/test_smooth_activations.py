@@ -152,7 +152,7 @@ def test_int8_dynamic_with_calibration_data_keeps_smoothing_where_it_helps(tmp_p
     np.savez(data, x=np.stack([_x(s) for s in range(10)]))
     notes: list[str] = []
     result = int8.quantize(model, int8.Int8Options(calib=str(data), mode="dynamic",
-                                                   check_speed=False,
+                                                   check_speed=False, split_outliers=False,
                                                    budget=int8.Budget(0.999)), notes)
     said = " ".join(notes)
     assert "SmoothQuant" in said and "left out" not in said, notes
@@ -162,6 +162,7 @@ def test_int8_dynamic_with_calibration_data_keeps_smoothing_where_it_helps(tmp_p
     off: list[str] = []
     plain = int8.quantize(model, int8.Int8Options(calib=str(data), mode="dynamic",
                                                   check_speed=False, smooth=False,
+                                                  split_outliers=False,
                                                   budget=int8.Budget(0.999)), off)
     assert "SmoothQuant" not in " ".join(off)
     assert op_count(plain.model, "Mul") == 0
@@ -279,12 +280,12 @@ def test_when_neither_variant_holds_all_int8_the_one_needing_fewer_float_layers_
 
         trial = SimpleNamespace(run=lambda exclude, batches=None: outcome(exclude))
         return int8_dynamic._Variant(0.95 if smoothed else 0.93, False, trial, outcome(()),
-                                     smoothed)
+                                     int8_dynamic.SMOOTH if smoothed else "")
 
     plain = variant(False, {"layer1", "layer4"})
     smooth = variant(True, {"layer0", "layer2", "layer5", "layer7", "layer8"})
     notes: list[str] = []
-    chosen, outcome = int8_dynamic._chosen_variant([plain, smooth], 3, notes, lambda _: None)
+    chosen, outcome = int8_dynamic._chosen_variant([plain, smooth], notes, lambda _: None)
     assert chosen is plain and set(outcome.excluded) == {"layer1", "layer4"}
-    assert any("SmoothQuant left out: with it the budget held with 5 layers float; without "
-               "it, held with 2 layers float" in n for n in notes), notes
+    assert any("kept plain dynamic int8 (plain: held with 2 layers float; SmoothQuant: held "
+               "with 5 layers float)" in n for n in notes), notes

@@ -1,0 +1,164 @@
+"""split-outliers: a MatMul's few outlier input channels computed apart in float. Exact in float,
+shared by the MatMuls that read one activation, and it lowers dynamic int8's error where a few
+channels set the per-tensor activation scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_same_outputs, make_model, op_count, run, tensor, to_ir, value_info
+from onnx import helper
+from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
+from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
+from onnxopt.passes.split_outliers import SplitOutliersOptions, SplitOutliersPass, outlier_channels
+from typer.testing import CliRunner
+
+from onnxopt import int8, smoothing
+from onnxopt.cli import app
+
+K, N = 96, 128  # 12288-element weights: above quantize-dynamic's min_weight_elements
+OUTLIERS = [5, 40]  # input channels 30x larger than the rest (MiniLM's FFN input: 16-22x)
+
+
+def _x(seed: int, batch: int = 4, rows: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, rows, K)).astype(np.float32)
+    x[..., OUTLIERS] *= 30.0
+    return x
+
+
+def _weights(rng: np.random.Generator) -> np.ndarray:
+    return (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+
+
+def shared_input_model():
+    """x -> Relu-free pass-through: q = x @ Wq + bq (a bias Add), v = x @ Wv (a graph output),
+    r = x + x (a residual-like reader that must keep the original x)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q0"], name="q"),
+             helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+             helper.make_node("MatMul", ["x", "Wv"], ["v"], name="v"),
+             helper.make_node("Add", ["x", "x"], ["r"], name="residual")]
+    inits = [tensor("Wq", _weights(rng)), tensor("Wv", _weights(rng)),
+             tensor("bq", rng.standard_normal(N))]
+    outputs = [value_info("q", ["b", 8, N]), value_info("v", ["b", 8, N]),
+               value_info("r", ["b", 8, K])]
+    return to_ir(make_model(nodes, [value_info("x", ["b", 8, K])], outputs, inits))
+
+
+def gemm_model(trans_b: int, alpha: float = 1.0):
+    rng = np.random.default_rng(1)
+    w = _weights(rng)
+    node = helper.make_node("Gemm", ["x", "W", "c"], ["y"], name="gemm", transB=trans_b,
+                            alpha=alpha)
+    return to_ir(make_model([node], [value_info("x", [32, K])], [value_info("y", None)],
+                            [tensor("W", w.T if trans_b else w),
+                             tensor("c", rng.standard_normal(N))]))
+
+
+def _split(model, batches):
+    names = list(dict.fromkeys(n.inputs[0].name for n in model.graph
+                               if n.op_type in ("MatMul", "Gemm")))
+    absmax = smoothing.channel_absmax(model, names, batches)
+    rewrite = SplitOutliersPass(SplitOutliersOptions(absmax=absmax))
+    return rewrite(model.clone()), rewrite.outlier_products
+
+
+def test_the_split_is_exact_and_shares_one_mask_and_gather_per_activation():
+    model = shared_input_model()
+    report, products = _split(model, [{"x": _x(0)}])
+    assert report.counts == {"split": 1}, report.log
+    assert f"channels {OUTLIERS}" in report.log[0], report.log
+    out = report.model
+    assert op_count(out, "Mul") == 1 and op_count(out, "Gather") == 1
+    assert len(products) == 2 and op_count(out, "MatMul") == 4
+    residual = next(n for n in out.graph if n.name == "residual")
+    assert residual.inputs[0].name == "x"  # the other reader keeps the original
+    # The graph outputs keep their names; the model computes the same function.
+    assert [v.name for v in out.graph.outputs] == ["q", "v", "r"]
+    assert_same_outputs(model, out, {"x": _x(5)}, rtol=1e-4, atol=1e-4)
+
+
+def test_the_outlier_part_is_added_after_the_bias_so_dynamic_int8_still_folds_it():
+    report, products = _split(shared_input_model(), [{"x": _x(0)}])
+    quantized = report.model.clone()
+    QuantizeDynamicPass(QuantizeDynamicOptions(exclude=tuple(products)))(quantized)
+    q = next(n for n in quantized.graph if n.name == "q")
+    assert q.op_type == "DynamicQuantizeMatMul" and len(q.inputs) == 5  # bias folded in
+    assert op_count(quantized, "MatMul") == 2  # the two outlier products stayed float
+
+
+@pytest.mark.parametrize(("trans_b", "alpha"), [(0, 1.0), (1, 1.0), (1, 0.5)])
+def test_gemm_weights_lose_the_outlier_rows_along_the_input_axis(trans_b, alpha):
+    model = gemm_model(trans_b, alpha)
+    report, products = _split(model, [{"x": _x(0).reshape(32, K)}])
+    assert report.counts == {"split": 1} and len(products) == 1
+    gemm = next(n for n in report.model.graph if n.op_type == "Gemm")
+    w = gemm.inputs[1].const_value.numpy()
+    rows = w.T if trans_b else w
+    assert np.all(rows[OUTLIERS] == 0) and np.count_nonzero(rows) == (K - len(OUTLIERS)) * N
+    assert_same_outputs(model, report.model, {"x": _x(3).reshape(32, K)}, rtol=1e-4,
+                        atol=1e-4)
+
+
+def test_outliers_are_only_a_few_channels_far_above_the_median():
+    flat = np.ones(64)
+    assert outlier_channels(flat, 6.0, 8) is None
+    few = flat.copy()
+    few[[3, 9]] = [20.0, 10.0]
+    assert outlier_channels(few, 6.0, 8).tolist() == [3, 9]
+    many = flat.copy()
+    many[:12] = 20.0  # more than max_channels: removing 8 leaves the range where it was
+    assert outlier_channels(many, 6.0, 8) is None
+    mild = flat.copy()
+    mild[3] = 4.0  # under 6x the median: per-tensor int8 copes
+    assert outlier_channels(mild, 6.0, 8) is None
+
+
+def _dynamic_error(model, exclude=()) -> float:
+    quantized = model.clone()
+    QuantizeDynamicPass(QuantizeDynamicOptions(reduce_range=cpu_needs_reduce_range(),
+                                               exclude=tuple(exclude)))(quantized)
+    feeds = {"x": _x(7)}
+    a, b = (np.asarray(run(m, feeds)[0], dtype=np.float64) for m in (model, quantized))
+    return float(10 * np.log10(np.sum(a * a) / np.sum((a - b) ** 2)))
+
+
+def test_the_split_lowers_the_dynamic_int8_error():
+    model = shared_input_model()
+    report, products = _split(model, [{"x": _x(s)} for s in range(3)])
+    plain_db, split_db = _dynamic_error(model), _dynamic_error(report.model, products)
+    # Removing two 30x channels shrinks the activation's range about 8x: +18 dB in theory.
+    assert split_db > plain_db + 8.0, (plain_db, split_db)
+
+
+def test_int8_dynamic_with_calibration_data_keeps_the_split_where_it_holds_the_budget(tmp_path):
+    model = shared_input_model()
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.stack([_x(s) for s in range(10)]))
+    notes: list[str] = []
+    budget = int8.Budget(min_sqnr_db=_dynamic_error(model) + 4.0)  # plain int8 cannot hold it
+    result = int8.quantize(model, int8.Int8Options(calib=str(data), mode="dynamic",
+                                                   check_speed=False, smooth=False,
+                                                   budget=budget), notes)
+    said = " ".join(notes)
+    assert "outlier split" in said, notes
+    assert result.is_quantized and result.kept_float == 0, notes
+    assert op_count(result.model, "DynamicQuantizeMatMul") == 2
+    assert op_count(result.model, "Gather") == 1 and op_count(result.model, "MatMul") == 2
+
+
+@pytest.mark.parametrize("flag", ["--split-outliers", "--no-split-outliers"])
+def test_cli_split_outliers_flag(tmp_path, flag):
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "calib.npz"
+    import onnx_ir as ir
+
+    ir.save(shared_input_model(), src)
+    np.savez(data, x=np.stack([_x(s) for s in range(10)]))
+    result = CliRunner().invoke(app, ["optimize", str(src), "-o", str(out), "--int8",
+                                      "--quant-mode", "dynamic", "--calib", str(data),
+                                      "--no-smooth", flag, "--bench", "none",
+                                      "--allow-slower"])
+    assert result.exit_code == 0, result.output
+    assert ("outlier split" in result.output) == (flag == "--split-outliers"), result.output
+    assert (op_count(ir.load(out), "Gather") == 1) == (flag == "--split-outliers")
