@@ -77,7 +77,7 @@ TOOLS = ("onnxopt", "onnxopt-op13", "ort", "ort-rr")
 # onnxopt with other settings, to measure what each refinement brings (--tools onnxopt,onnxopt-noeq)
 VARIANTS = {"onnxopt-nobc": ("--no-bias-correction",), "onnxopt-noeq": ("--no-equalize",),
             "onnxopt-clip": ("--clip-weights", "mse"), "onnxopt-nobudget": ("--max-error", "none"),
-            "onnxopt-nosmooth": ("--no-smooth",)}
+            "onnxopt-nosmooth": ("--no-smooth",), "onnxopt-nosplit": ("--no-split-outliers",)}
 # onnxopt-op13: onnxopt on the model upgraded to opset 13 first (only for opset < 13 models);
 # ort-rr: ORT's tool with reduce_range=True (7-bit weights)
 stderr = Console(stderr=True)
@@ -257,17 +257,21 @@ def evaluate(name: str, path: str, reference: dict | None) -> dict:
         raw = np.concatenate([sess.run(None, {"image": x[i:i + 32]})[0]
                               for i in range(0, len(x), 32)])
         found["metric"] = {"top1": float(np.mean(raw.argmax(-1) == labels)), "n": len(labels)}
+        found["_correct"] = raw.argmax(-1) == labels
         per_sample = list(raw)
     elif name == "ppocr_cls":
         x, labels = real_models.eval_set(name)
         raw = np.concatenate([sess.run(None, {"x": x[i:i + 16]})[0] for i in range(0, len(x), 16)])
         found["metric"] = real_models.cls_accuracy(raw, np.array(labels))
+        found["_correct"] = raw.argmax(-1) == np.array(labels)
         per_sample = list(raw)
     elif name == "ppocr_rec":
         tensors, texts = real_models.eval_set(name)
         per_sample = [sess.run(None, {"x": t})[0][0] for t in tensors]
         predicted = [real_models.ctc_greedy(p[None], _charset())[0] for p in per_sample]
         found["metric"] = real_models.line_accuracy(predicted, texts)
+        found["_correct"] = np.array([p.replace(" ", "") == t.replace(" ", "")
+                                      for p, t in zip(predicted, texts)])
         found["_texts"] = predicted
     elif name == "ppocr_det":
         pages, boxes = real_models.eval_set(name)
@@ -279,6 +283,7 @@ def evaluate(name: str, path: str, reference: dict | None) -> dict:
         first = real_models.embed(sess, [p[0] for p in pairs])
         second = real_models.embed(sess, [p[1] for p in pairs])
         found["metric"] = real_models.retrieval(first, second)
+        found["_correct"] = (first @ second.T).argmax(1) == np.arange(len(first))
         per_sample = list(first) + list(second)
     found["_raw"] = per_sample
     if reference is not None:
@@ -301,6 +306,11 @@ def fidelity(name: str, reference: dict, found: dict) -> dict:
         a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
         cos.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
     result = {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos))}
+    if "_correct" in reference and "_correct" in found:
+        # The task metric's change as samples it lost and gained against fp32: a few flips
+        # either way are the evaluation set's noise, a one-sided count is not.
+        was, now = np.asarray(reference["_correct"]), np.asarray(found["_correct"])
+        result["lost"], result["gained"] = int(np.sum(was & ~now)), int(np.sum(~was & now))
     if name in ("digits_resnet", "ppocr_cls"):
         result["top1_agreement"] = float(np.mean([np.argmax(a) == np.argmax(b) for a, b in
                                                   zip(reference["_raw"], found["_raw"])]))
@@ -318,7 +328,21 @@ def fidelity(name: str, reference: dict, found: dict) -> dict:
         top_a = (a @ a.T - 2 * np.eye(n)).argmax(1)
         top_b = (b @ b.T - 2 * np.eye(n)).argmax(1)
         result["top1_neighbour_agreement"] = float(np.mean(top_a == top_b))
+        # Recall@1 moves by whole queries; the margin (the right candidate's score minus the
+        # best wrong one's) moves continuously, so its mean change shows a systematic loss
+        # that a few flips cannot.
+        shift = _margins(found["_raw"], n) - _margins(reference["_raw"], n)
+        result["margin_shift_mean"] = float(shift.mean())
+        result["margin_shift_se"] = float(shift.std() / np.sqrt(len(shift)))
     return result
+
+
+def _margins(raw: list, n: int) -> np.ndarray:
+    """Per query (first n rows of `raw`): its pair's score minus the best other candidate's."""
+    scores = np.stack(raw[:n]).astype(np.float64) @ np.stack(raw[n:]).astype(np.float64).T
+    right = np.diag(scores).copy()
+    np.fill_diagonal(scores, -np.inf)
+    return right - scores.max(axis=1)
 
 
 def det_boxes(prob_map: np.ndarray) -> list[list[float]]:
@@ -563,10 +587,11 @@ def _metric_cell(name: str, metric: dict | None) -> str:
 def _agree_cell(fid: dict | None) -> str:
     if not fid:
         return "-"
+    flips = f" -{fid['lost']}/+{fid['gained']}" if "lost" in fid else ""
     for key, label in (("top1_agreement", "top-1"), ("same_string", "same str"),
                        ("top1_neighbour_agreement", "NN top-1")):
         if key in fid:
-            return f"{label} {fid[key]:.3f}"
+            return f"{label} {fid[key]:.3f}{flips}"
     return f"IoU {fid['map_iou']:.3f} F1 {fid['box_f1_vs_fp32']:.3f}"
 
 

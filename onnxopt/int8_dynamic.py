@@ -119,11 +119,12 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
         if rewrite == SMOOTH:
             base, count = smoothing.smoothed(model, layers, absmax)
             products: tuple[str, ...] = ()
-            what = f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul groups"
+            what = (f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of {count} MatMul "
+                    f"group{'s' * (count != 1)}")
         else:
             base, count, products = smoothing.split(model, layers, absmax)
-            what = (f"{SPLIT} (the few outlier input channels of {count} MatMul groups "
-                    "computed apart in float)")
+            what = (f"{SPLIT} (the few outlier input channels of {count} MatMul "
+                    f"group{'s' * (count != 1)} computed apart in float)")
         if not count:
             continue
         variant = measured(base, rewrite, products)
@@ -136,8 +137,13 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
 def _chosen_variant(variants: list[_Variant], notes: list[str],
                     progress: Callable[[str], None]) -> tuple[_Variant, Outcome]:
     """The variant whose all-int8 model holds the budget closest to fp32; when none holds,
-    the one whose fallback keeps the fewest layers float (then: the better worst SQNR)."""
+    the one whose fallback keeps the fewest layers float (then: the better worst SQNR). The
+    split adds a Mul, a Gather and a small MatMul per activation, so it is kept only where it
+    saves layers from float: not when another variant holds with every layer int8, nor on a
+    tie in the float count."""
     holding = [v for v in variants if v.outcome.holds]
+    if any(v.rewrite != SPLIT for v in holding):
+        holding = [v for v in holding if v.rewrite != SPLIT]
     if holding or not variants[0].outcome.report.counts.get("quantized"):
         chosen = max(holding or variants, key=lambda v: v.worst)
         return chosen, chosen.outcome
@@ -147,7 +153,7 @@ def _chosen_variant(variants: list[_Variant], notes: list[str],
         said: list[str] = []
         results.append((variant, fall_back(variant.trial, variant.outcome, said), said))
     chosen, outcome, said = max(results, key=lambda r: (r[1].holds, -len(r[1].excluded),
-                                                        r[1].score))
+                                                        r[0].rewrite != SPLIT, r[1].score))
     if len(results) > 1:
         notes.append(_fallback_verdict([(v.rewrite, o) for v, o, _ in results], chosen))
     notes.extend(said)

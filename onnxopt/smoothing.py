@@ -27,8 +27,8 @@ def channel_absmax(model: ir.Model, names: Sequence[str],
     for batch in activations.iter_activations(model, batches, names):
         for name in names:
             array = np.asarray(batch[name])  # float: iter_activations refuses anything else
-            if array.ndim == 0:
-                continue
+            if array.ndim == 0 or array.dtype != np.float32:
+                continue  # the rewrites insert float32 constants: float16 values stay as they are
             peak = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0).astype(np.float64)
             found[name] = peak if name not in found else np.maximum(found[name], peak)
     return found

@@ -10,6 +10,7 @@ from onnxopt.passes.fuse_activations import FuseActivationsPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
+from onnxopt.passes.split_outliers import SplitOutliersOptions, SplitOutliersPass
 from onnxopt.passes.transfer import TransferPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
@@ -17,7 +18,8 @@ __all__ += ["TransferPass"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
-            "SmoothActivationsPass", "SmoothActivationsOptions"]
+            "SmoothActivationsPass", "SmoothActivationsOptions", "SplitOutliersPass",
+            "SplitOutliersOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
@@ -28,8 +30,8 @@ REGISTRY = {
     QuantizeDynamicPass.name: QuantizeDynamicPass,
     TransferPass.name: TransferPass,  # only with optimize --transfer-from: changes the function
 }
-# Not in the registry: SmoothActivationsPass needs per-channel ranges from calibration data
-# (`--int8 --calib` runs it, see onnxopt.smoothing).
+# Not in the registry: SmoothActivationsPass and SplitOutliersPass need per-channel ranges from
+# calibration data (`--int8 --calib` runs them, see onnxopt.smoothing).
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.
 DEFAULT_PIPELINE = ("cleanup", "fuse-activations", "fold-batchnorm")
