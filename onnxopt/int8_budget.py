@@ -94,17 +94,23 @@ def quantized_layers(log: Iterable[str]) -> list[str]:
     return [m[1] for line in log if (m := _QUANTIZED.match(line))]
 
 
-def fall_back(trial: Trial, full: Outcome, notes: list[str]) -> Outcome:
+def fall_back(trial: Trial, full: Outcome, notes: list[str], *,
+              most: int | None = None) -> Outcome:
     """Sensitivity: each quantized layer alone back in float (one held-out batch), ranked by the
     SQNR it wins back; then the worst 1, 2, 4, ... go back to float until the budget holds, and
     a bisection between the last count that missed and the first that held finds the fewest.
     The ranking comes from one batch, so each layer of that list is then retried in int8 alone
     (least blamed first) and stays int8 where the budget still holds. When error is spread over many layers no short list wins it back; then the longest prefix
-    of the network (graph order) that holds the budget stays int8, the rest float."""
+    of the network (graph order) that holds the budget stays int8, the rest float.
+    With `most`, a search that would need more than `most` layers float is given up (another
+    variant already does better): `full` comes back, not holding."""
+    if most is not None and most < 1:
+        return full
     names = quantized_layers(full.report.log)
     gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
     order = sorted(names, key=lambda n: -gains[n])
     limit = max(1, int(len(order) * _MAX_FALLBACK))
+    limit = limit if most is None else min(limit, most)
     missed, count = 0, 1  # all int8 (0 back in float) missed the budget
     while True:  # 1, 2, 4, ... of the worst back to float: log(n) checks, not n
         count = min(count, limit)
@@ -112,7 +118,7 @@ def fall_back(trial: Trial, full: Outcome, notes: list[str]) -> Outcome:
         if outcome.holds:
             break
         if count >= limit:
-            return longest_prefix(trial, full, names, notes)
+            return longest_prefix(trial, full, names, notes) if most is None else full
         missed, count = count, count * 2
     while count - missed > 1:  # holding is close to monotone in the count: bisect
         middle = (missed + count) // 2

@@ -148,10 +148,19 @@ def _chosen_variant(variants: list[_Variant], notes: list[str],
         chosen = max(holding or variants, key=lambda v: v.worst)
         return chosen, chosen.outcome
     progress("finding the MatMuls that break the budget")
-    results = []
-    for variant in variants:
+    results: list[tuple[_Variant, Outcome, list[str]]] = []
+    # The variant closest to fp32 with all int8 first: it tends to need the fewest layers
+    # float, and the others' searches then stop once they could no longer do better.
+    for variant in sorted(variants, key=lambda v: -v.worst):
         said: list[str] = []
-        results.append((variant, fall_back(variant.trial, variant.outcome, said), said))
+        held = [o for _, o, _ in results if o.holds]
+        most = None
+        if held:  # a tie in the float count keeps a variant without the split's extra ops
+            fewest = min(len(o.excluded) for o in held)
+            most = fewest if variant.rewrite != SPLIT else fewest - 1
+        results.append((variant, fall_back(variant.trial, variant.outcome, said, most=most),
+                        said))
+    results.sort(key=lambda r: variants.index(r[0]))  # notes in the variants' order
     chosen, outcome, said = max(results, key=lambda r: (r[1].holds, -len(r[1].excluded),
                                                         r[0].rewrite != SPLIT, r[1].score))
     if len(results) > 1:
@@ -166,9 +175,10 @@ def _fallback_verdict(outcomes: list[tuple[str, Outcome]], chosen: _Variant) -> 
         return ("the budget was missed with every variant (" +
                 ", ".join(rewrite or "plain" for rewrite, _ in outcomes) +
                 "), even with layers back in float")
+    fewest = min(len(o.excluded) for _, o in outcomes if o.holds)
     held = [f"{rewrite or 'plain'}: " +
             (f"held with {len(o.excluded)} layer{'s' * (len(o.excluded) != 1)} float"
-             if o.holds else "missed even with layers back in float")
+             if o.holds else f"not with {fewest} or fewer layers float")
             for rewrite, o in outcomes]
     return f"kept {chosen.rewrite or 'plain dynamic int8'} ({'; '.join(held)})"
 

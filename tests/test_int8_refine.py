@@ -360,6 +360,14 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
     # sensitivity per layer, then 1, 2, 4 and 3 back in float, then each of the 3 retried alone
     assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4 + 3
     assert all(f"'{n}'" in notes[0] for n in culprits) and notes[0].count("dB)") == 3
+    # Bounded by `most` (another variant held with 2 float): 1 and 2 miss, and the search stops
+    # there instead of going on to 4 or to the longest prefix.
+    runs.clear()
+    bounded = int8_budget.fall_back(Stub(), outcome(()), [], most=2)
+    assert not bounded.holds and bounded.excluded == ()
+    assert max(len(r) for r in runs) == 2 and len(runs) == len(names) + 2
+    runs.clear()
+    assert int8_budget.fall_back(Stub(), outcome(()), [], most=0).excluded == () and not runs
 
 
 def test_fallback_requantizes_a_layer_the_one_batch_ranking_blamed_wrongly():
