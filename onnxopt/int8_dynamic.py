@@ -84,7 +84,7 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
     per-tensor activation scales lose the small channels next to a few outlier ones; SmoothQuant
     moves the outliers into the weights, the split computes them apart in float. Each rewrite is
     measured, not assumed (MiniLM: smoothing needed 35 layers float to hold the budget, the
-    split 2, none 11). 7-bit weights avoid int16 saturation without VNNI but cost precision, and
+    split 1, none 11). 7-bit weights avoid int16 saturation without VNNI but cost precision, and
     with activations quantized per call the balance differs per model (MiniLM: cosine 0.96 at 8
     bits, 0.72 at 7), so unless told, each variant keeps the closer of the two widths."""
     reference = verify.reference_outputs(model, feeds)
