@@ -13,8 +13,9 @@ so they absorb the spread cheaply. max|X_k| comes from calibration data (`absmax
 
 Where X diag(1/s) is computed:
   - folded into X's producer when X feeds nothing but smoothed MatMuls (Shape reads only its
-    shape): LayerNormalization with constant 1-D scale/bias, or Add(Mul(z, g), c), the last
-    step of a decomposed LayerNorm, with g and c constant along the last axis;
+    shape): LayerNormalization with constant 1-D scale/bias, Add(Mul(z, g), c), the last
+    step of a decomposed LayerNorm, with g and c constant along the last axis, or a Mul by a
+    constant along the last axis (split-outliers' inlier mask);
   - else one Mul by the constant 1/s, shared by the smoothed MatMuls that read X; X's other
     readers (a residual Add) keep X.
 Candidates: MatMul with a constant 2-D float32 weight [K, N]; Gemm with transA = 0 and a
@@ -111,6 +112,9 @@ def _fold_into_producer(graph: ir.Graph, names: NameSource, value: ir.Value,
         targets = [(producer, i) for i in slots]
     elif producer.op_type == "Add":
         targets = _affine_slots(producer)
+    elif producer.op_type == "Mul":  # by a constant: split-outliers' inlier mask, a scale
+        slots = [i for i in (0, 1) if constant(producer.inputs[i]) is not None]
+        targets = [(producer, slots[0])] if len(slots) == 1 else []
     else:
         return None
     if not targets or any(_channel_vector(constant(n.inputs[i]), inverse.size) is None

@@ -206,3 +206,32 @@ def test_the_split_is_not_kept_where_the_plain_variant_needs_no_more_float_layer
     # The split ran first (closer with all int8) and held with 1; plain could only win with 1.
     assert any("kept outlier split (plain: not with 1 or fewer layers float; outlier split: "
                "held with 1 layer float)" in n for n in notes), notes
+
+
+def _spread_x(seed: int) -> np.ndarray:
+    """_x plus a moderate spread among the ordinary channels (5x on a quarter of them): what is
+    left for SmoothQuant once the split has taken the extreme ones."""
+    x = _x(seed)
+    x[..., 48:72] *= 5.0
+    return x
+
+
+def test_smoothquant_after_the_split_folds_into_the_mask_and_lowers_the_error():
+    model = shared_input_model()
+    batches = [{"x": _spread_x(s)} for s in range(3)]
+    names = ["q", "v"]
+    split, count, products = smoothing.split(
+        model, names, smoothing.input_ranges(model, names, batches))
+    both, smoothed = smoothing.smoothed(split, names, smoothing.input_ranges(split, names, batches))
+    assert count == 1 and smoothed == 1
+    assert op_count(both, "Mul") == 1  # 1/s went into the inlier mask, no Mul added
+    feeds = {"x": _spread_x(7)}
+    assert_same_outputs(model, both, feeds, rtol=1e-4, atol=1e-4)
+
+    def error(m) -> float:  # 7-bit weights: no int16 saturation on any CPU, same numbers
+        quantized = m.clone()
+        QuantizeDynamicPass(QuantizeDynamicOptions(reduce_range=True, exclude=products))(quantized)
+        a, b = (np.asarray(run(x, feeds)[0], dtype=np.float64) for x in (model, quantized))
+        return float(10 * np.log10(np.sum(a * a) / np.sum((a - b) ** 2)))
+
+    assert error(both) > error(split) + 1.0, (error(split), error(both))
