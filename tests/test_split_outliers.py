@@ -235,3 +235,24 @@ def test_smoothquant_after_the_split_folds_into_the_mask_and_lowers_the_error():
         return float(10 * np.log10(np.sum(a * a) / np.sum((a - b) ** 2)))
 
     assert error(both) > error(split) + 1.0, (error(split), error(both))
+
+
+def test_dynamic_int8_measures_all_four_combinations_of_the_two_rewrites():
+    from onnxopt import int8_dynamic
+
+    model = shared_input_model()
+    calib = [{"x": _spread_x(s)} for s in range(6)]
+    feeds = [{"x": _spread_x(s)} for s in range(6, 8)]
+    notes: list[str] = []
+    options = int8.Int8Options(mode="dynamic", reduce_range=True, check_speed=False)
+    variants = int8_dynamic._dynamic_variants(model, options, feeds, calib, notes)
+    worst = {v.rewrite: v.worst for v in variants}
+    both = f"{int8_dynamic.SPLIT} + {int8_dynamic.SMOOTH}"
+    assert set(worst) == {"", int8_dynamic.SMOOTH, int8_dynamic.SPLIT, both}, worst
+    assert worst[both] > worst[int8_dynamic.SPLIT] > worst[""], worst
+    assert sum("with all int8" in n for n in notes) == 3, notes
+    # Forcing one rewrite keeps only the variants with it.
+    only = int8_dynamic._dynamic_variants(
+        model, int8.Int8Options(mode="dynamic", reduce_range=True, split_outliers=True),
+        feeds, calib, [])
+    assert {v.rewrite for v in only} == {int8_dynamic.SPLIT, both}
