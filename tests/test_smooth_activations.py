@@ -8,7 +8,16 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import assert_same_outputs, make_model, op_count, run, tensor, to_ir, value_info
+from helpers import (
+    assert_same_outputs,
+    make_model,
+    op_count,
+    run,
+    stub_variant,
+    tensor,
+    to_ir,
+    value_info,
+)
 from onnx import helper
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
@@ -262,28 +271,11 @@ def test_smooth_without_calibration_data_says_it_was_not_applied():
 def test_when_neither_variant_holds_all_int8_the_one_needing_fewer_float_layers_is_kept():
     """MiniLM's case: SmoothQuant brings all-int8 closer to fp32 yet spreads the error, so its
     fallback needs more layers float than the plain variant's; the plain one is kept."""
-    from types import SimpleNamespace
+    from onnxopt import int8_dynamic
 
-    from onnxopt import int8_budget, int8_dynamic
-
-    names = [f"layer{i}" for i in range(10)]
-
-    def variant(smoothed: bool, culprits: set[str]):
-        def outcome(exclude) -> int8_budget.Outcome:
-            missing = len(culprits - set(exclude))
-            checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - missing)])
-            report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names],
-                                     counts={"quantized": len(names)})
-            return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
-                                       "" if missing == 0 else "y: cosine 0.9 < 0.99",
-                                       tuple(exclude))
-
-        trial = SimpleNamespace(run=lambda exclude, batches=None: outcome(exclude))
-        return int8_dynamic._Variant(0.95 if smoothed else 0.93, False, trial, outcome(()),
-                                     int8_dynamic.SMOOTH if smoothed else "")
-
-    plain = variant(False, {"layer1", "layer4"})
-    smooth = variant(True, {"layer0", "layer2", "layer5", "layer7", "layer8"})
+    plain = stub_variant("", 0.93, {"layer1", "layer4"})
+    smooth = stub_variant(int8_dynamic.SMOOTH, 0.95, {"layer0", "layer2", "layer5", "layer7",
+                                                       "layer8"})
     notes: list[str] = []
     chosen, outcome = int8_dynamic._chosen_variant([plain, smooth], notes, lambda _: None)
     assert chosen is plain and set(outcome.excluded) == {"layer1", "layer4"}

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_same_outputs, make_model, op_count, run, tensor, to_ir, value_info
+from helpers import (
+    assert_same_outputs,
+    make_model,
+    op_count,
+    run,
+    stub_variant,
+    tensor,
+    to_ir,
+    value_info,
+)
 from onnx import helper
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
@@ -164,42 +173,21 @@ def test_cli_split_outliers_flag(tmp_path, flag):
     assert (op_count(ir.load(out), "Gather") == 1) == (flag == "--split-outliers")
 
 
-def _stub_variant(rewrite: str, worst: float, culprits: set[str]):
-    """A dynamic-int8 variant whose trials hold the budget once `culprits` are all float."""
-    from types import SimpleNamespace
-
-    from onnxopt import int8_budget, int8_dynamic
-
-    names = [f"layer{i}" for i in range(8)]
-
-    def outcome(exclude) -> int8_budget.Outcome:
-        missing = len(culprits - set(exclude))
-        checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - missing)])
-        report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names],
-                                 counts={"quantized": len(names)})
-        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
-                                   "" if missing == 0 else "y: cosine 0.9 < 0.99",
-                                   tuple(exclude))
-
-    trial = SimpleNamespace(run=lambda exclude, batches=None: outcome(exclude))
-    return int8_dynamic._Variant(worst, False, trial, outcome(()), rewrite)
-
-
 def test_the_split_is_not_kept_where_the_plain_variant_needs_no_more_float_layers():
     from onnxopt import int8_dynamic
 
     # Both hold with every layer int8: the split is closer, but its extra ops buy nothing.
-    plain, split = _stub_variant("", 0.995, set()), _stub_variant(int8_dynamic.SPLIT, 0.999, set())
+    plain, split = stub_variant("", 0.995, set()), stub_variant(int8_dynamic.SPLIT, 0.999, set())
     chosen, _ = int8_dynamic._chosen_variant([plain, split], [], lambda _: None)
     assert chosen is plain
     # Both need one layer float: a tie in the float count also keeps the plain variant.
-    plain = _stub_variant("", 0.95, {"layer3"})
-    split = _stub_variant(int8_dynamic.SPLIT, 0.97, {"layer5"})
+    plain = stub_variant("", 0.95, {"layer3"})
+    split = stub_variant(int8_dynamic.SPLIT, 0.97, {"layer5"})
     chosen, _ = int8_dynamic._chosen_variant([plain, split], [], lambda _: None)
     assert chosen is plain
     # The split needs fewer layers float: kept, and the note says what each needed.
-    split = _stub_variant(int8_dynamic.SPLIT, 0.97, {"layer6"})
-    plain = _stub_variant("", 0.95, {"layer1", "layer3"})
+    split = stub_variant(int8_dynamic.SPLIT, 0.97, {"layer6"})
+    plain = stub_variant("", 0.95, {"layer1", "layer3"})
     notes: list[str] = []
     chosen, outcome = int8_dynamic._chosen_variant([plain, split], notes, lambda _: None)
     assert chosen is split and outcome.excluded == ("layer6",)
