@@ -119,6 +119,9 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
         if split:
             base, count, products = smoothing.split(model, layers, absmax)
             if not count:
+                if options.split_outliers:
+                    notes.append("--split-outliers: no MatMul input has a few outlier "
+                                 "channels; nothing to split")
                 continue
             done = (f"{SPLIT} (the few outlier input channels of {count} MatMul "
                     f"group{'s' * (count != 1)} computed apart in float)")
@@ -129,6 +132,8 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
                 ranges = smoothing.input_ranges(base, layers, calib_batches) if split else absmax
                 smoothed, count = smoothing.smoothed(base, layers, ranges)
                 if not count:
+                    if options.smooth:
+                        notes.append("--smooth: no MatMul input SmoothQuant could rescale")
                     continue
                 smoothed_text = (f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of "
                                  f"{count} MatMul group{'s' * (count != 1)}")

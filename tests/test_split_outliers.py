@@ -244,3 +244,20 @@ def test_dynamic_int8_measures_all_four_combinations_of_the_two_rewrites():
         model, int8.Int8Options(mode="dynamic", reduce_range=True, split_outliers=True),
         feeds, calib, [])
     assert {v.rewrite for v in only} == {int8_dynamic.SPLIT, both}
+
+
+def test_forced_split_on_a_model_without_outliers_says_so_and_quantizes_plainly(tmp_path):
+    model = shared_input_model()
+    data = tmp_path / "calib.npz"
+    plain = np.stack([np.random.default_rng(s).standard_normal((4, 8, K)).astype(np.float32)
+                      for s in range(10)])
+    np.savez(data, x=plain)
+    notes: list[str] = []
+    result = int8.quantize(model, int8.Int8Options(calib=str(data), mode="dynamic",
+                                                   split_outliers=True, smooth=False,
+                                                   check_speed=False,
+                                                   budget=int8.Budget(None, None)), notes)
+    assert any("--split-outliers: no MatMul input has a few outlier channels" in n
+               for n in notes), notes
+    assert result.is_quantized and op_count(result.model, "DynamicQuantizeMatMul") == 2
+    assert op_count(result.model, "Gather") == 0
