@@ -216,7 +216,9 @@ def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say
     result = int8.quantize(model, options.int8, notes, feeds=feeds, progress=say)
     if result.is_quantized:  # else the float model stands, with its exact verification
         verification = result.verification
-    runs.append(pipeline.PassRun("quantize-int8", modified=result.is_quantized,
+    # The row names the pass whose model was kept (auto mode may end with dynamic int8).
+    name = "quantize-dynamic" if result.mode == "dynamic" else "quantize-int8"
+    runs.append(pipeline.PassRun(name, modified=result.is_quantized,
                                  reverted=not result.is_quantized,
                                  reason=result.verification.reason, log=result.log,
                                  counts=result.counts))

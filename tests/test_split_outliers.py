@@ -4,6 +4,8 @@ channels set the per-tensor activation scale."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import (
@@ -167,8 +169,10 @@ def test_cli_split_outliers_flag(tmp_path, flag):
     result = CliRunner().invoke(app, ["optimize", str(src), "-o", str(out), "--int8",
                                       "--quant-mode", "dynamic", "--calib", str(data),
                                       "--no-smooth", flag, "--bench", "none",
-                                      "--allow-slower"])
+                                      "--allow-slower", "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "quantize-dynamic" in {p["name"] for p in report["passes"]}  # the pass kept
     assert ("outlier split" in result.output) == (flag == "--split-outliers"), result.output
     assert (op_count(ir.load(out), "Gather") == 1) == (flag == "--split-outliers")
 
