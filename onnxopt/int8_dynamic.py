@@ -113,37 +113,39 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
     if not calib_batches or not layers:
         return [plain]
     absmax = smoothing.input_ranges(model, layers, calib_batches)
+    split_model, split_count, products = smoothing.split(model, layers, absmax) \
+        if True in _allowed(options.split_outliers) else (model, 0, ())
+    if options.split_outliers and not split_count:
+        notes.append("--split-outliers: no MatMul input has a few outlier channels; nothing "
+                     "to split")
     variants = []
     for split in _allowed(options.split_outliers):
-        base, products, done = model, (), ""
-        if split:
-            base, count, products = smoothing.split(model, layers, absmax)
-            if not count:
-                if options.split_outliers:
-                    notes.append("--split-outliers: no MatMul input has a few outlier "
-                                 "channels; nothing to split")
-                continue
-            done = (f"{SPLIT} (the few outlier input channels of {count} MatMul "
-                    f"group{'s' * (count != 1)} computed apart in float)")
+        if split and not split_count:
+            continue
+        base = split_model if split else model
+        split_text = (f"{SPLIT} (the few outlier input channels of {split_count} MatMul "
+                      f"group{'s' * (split_count != 1)} computed apart in float)")
+        labels, parts = ([SPLIT], [split_text]) if split else ([], [])
         for smooth in _allowed(options.smooth):
-            if not smooth:
-                variant, what = (measured(base, SPLIT, products), done) if split else (plain, "")
-            else:  # ranges measured again after the split: its outlier channels are 0 now
+            if not (split or smooth):
+                variants.append(plain)
+                continue
+            rewritten, what = base, parts
+            if smooth:  # ranges measured again after the split: its outlier channels are 0 now
                 ranges = smoothing.input_ranges(base, layers, calib_batches) if split else absmax
-                smoothed, count = smoothing.smoothed(base, layers, ranges)
+                rewritten, count = smoothing.smoothed(base, layers, ranges)
                 if not count:
                     if options.smooth:
                         notes.append("--smooth: no MatMul input SmoothQuant could rescale")
                     continue
-                smoothed_text = (f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of "
-                                 f"{count} MatMul group{'s' * (count != 1)}")
-                what = f"{done} + {smoothed_text}" if done else smoothed_text
-                variant = measured(smoothed, f"{SPLIT} + {SMOOTH}" if split else SMOOTH,
-                                   products)
+                smooth_text = (f"{SMOOTH} (alpha {smoothing.ALPHA}) on the inputs of {count} "
+                               f"MatMul group{'s' * (count != 1)}")
+                what = [*parts, smooth_text]
+            variant = measured(rewritten, " + ".join(labels + [SMOOTH] * smooth),
+                               products if split else ())
             variants.append(variant)
-            if what:
-                notes.append(f"{what}: worst-output cosine {plain.worst:.4f} -> "
-                             f"{variant.worst:.4f} with all int8")
+            notes.append(f"{' + '.join(what)}: worst-output cosine {plain.worst:.4f} -> "
+                         f"{variant.worst:.4f} with all int8")
     return variants or [plain]
 
 
