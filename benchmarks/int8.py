@@ -61,7 +61,7 @@ import onnx.version_converter
 from rich.console import Console
 from rich.table import Table
 
-from onnxopt import bench, runtime
+from onnxopt.measure import bench, runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lossless
@@ -447,7 +447,7 @@ def _kernel_summary(kernels: dict | None) -> str:
     if not kernels or "error" in kernels:
         return (kernels or {}).get("error", "-")
     try:
-        from onnxopt import int8
+        from onnxopt.quant import int8
 
         return int8.integer_kernel_summary(kernels)
     except ImportError:

@@ -15,7 +15,7 @@ Per model and tool:
 3. latency: every variant, plus the original a second time (an A/A control that shows the noise
    floor), in one process, interleaved (A A' B C D E, shuffled each round), ORT graph optimizations
    on (what users run), intra-op spinning off, for each thread count; the ratio p50(variant) /
-   p50(original) with a bootstrap 95% interval (onnxopt.bench). Only ratios are printed.
+   p50(original) with a bootstrap 95% interval (onnxopt.measure.bench). Only ratios are printed.
 
 onnxopt's own verification result (`onnxopt optimize` without --no-verify, fed the same inputs as
 an .npz) is recorded separately from the timed run (`--bench none --no-verify`).
@@ -45,7 +45,7 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from onnxopt import bench, runtime, verify
+from onnxopt.measure import bench, runtime, verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models  # noqa: E402  (benchmarks/real_models.py)

@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxopt import inputs, io, transfer
-from onnxopt import transfer_match as tm
-from onnxopt import verify as verify_mod
+from onnxopt.measure import verify as verify_mod
+from onnxopt.transfer import match as tm
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "work"
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     out = Path(args.json)
     out = out if out.is_absolute() else ROOT / out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"schema": "onnxopt.bench-transfer/1", "date": today,
+    out.write_text(json.dumps({"schema": "onnxopt.measure.bench-transfer/1", "date": today,
                                "inputs": str(INPUTS.relative_to(ROOT)), "seed": args.seed,
                                "cases": rows}, indent=1))
     print(f"results: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

@@ -17,18 +17,27 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt import bench, calibrate, inputs, int8, io, pipeline, runtime, stats
-from onnxopt import validation as validate_mod
-from onnxopt import verify as verify_mod
+from onnxopt import inputs, io, pipeline
+from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
-from onnxopt.int8 import Int8Options
-from onnxopt.passes import DEFAULT_PIPELINE, REGISTRY
+from onnxopt.measure import bench, runtime, stats
+from onnxopt.measure import validation as validate_mod
+from onnxopt.measure import verify as verify_mod
+from onnxopt.measure.verify import Tolerance
+from onnxopt.passes import DEFAULT_PIPELINE
+from onnxopt.passes import REGISTRY as REWRITE_PASSES
+from onnxopt.quant import int8
+from onnxopt.quant.int8 import Int8Options
 from onnxopt.report import LatencyComparison, Report
-from onnxopt.verify import Tolerance
+from onnxopt.transfer import TransferOptions, TransferPass
 
 __all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds"]
 
 Progress = Callable[[str], None]
+
+# Every pass `--passes` accepts: the rewrites of onnxopt.passes, and the transfer stage's pass
+# (it needs --transfer-from; it lives above the passes because it runs fold-batchnorm on SRC).
+REGISTRY = {**REWRITE_PASSES, TransferPass.name: TransferPass}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +56,7 @@ class OptimizeOptions:
     # A rewrite that runs measurably slower than the original (LatencyComparison.is_slower) is
     # not kept, the original is written instead, unless this is set.
     allow_slower: bool = False
-    int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.int8)
+    int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.quant.int8)
     transfer_from: str | None = None  # --transfer-from SRC: its weights first (_transfer_first)
 
 
@@ -65,7 +74,7 @@ def load_feeds(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> l
     if options.inputs:
         return inputs.load_npz(options.inputs, model)
     calib = options.int8.calib if options.int8 is not None else None
-    if calib is not None and str(calib) != calibrate.RANDOM:
+    if calib is not None and str(calib) != sources.RANDOM:
         data = int8.calibration_data(model, options.int8)
         feeds = data.batches(max(0, len(data) - options.batches))[:]
         notes.append(f"verification and timing inputs: the last {len(feeds)} batches of --calib "
@@ -297,14 +306,11 @@ def default_samples_path() -> Path:
 # --- optimize --transfer-from (issue 6) ---------------------------------------------------------
 
 def _transfer_first(model: ir.Model, options: OptimizeOptions, say: Progress):
-    """SRC's weights into the model before any pass (passes/transfer.py). The transfer changes
-    the function on purpose, so its result, not the model as loaded, is the original that the
-    passes are verified against and that a slower rewrite falls back to."""
+    """SRC's weights into the model before any pass (onnxopt/transfer/transfer_pass.py). It
+    changes the function on purpose, so its result, not the model as loaded, is the original
+    that the passes are verified against and that a slower rewrite falls back to."""
     if not options.transfer_from:
         return model, []
-    from onnxopt.passes import TransferPass
-    from onnxopt.transfer import TransferOptions
-
     transfer = TransferPass(options.transfer_from, TransferOptions(
         inputs=options.inputs, shapes=options.shapes, seed=options.seed, verify=options.verify))
     model, runs, _ = pipeline.run_pipeline(model, [transfer], checker=None, on_pass=say)

@@ -15,11 +15,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxopt import api, bench_models, demo, int8, report, verify
-from onnxopt import validation as validate_mod
+from onnxopt import api, demo, report
 from onnxopt.errors import BadInputError, OnnxoptError
 from onnxopt.inputs import parse_shape
+from onnxopt.measure import bench_models, verify
+from onnxopt.measure import validation as validate_mod
 from onnxopt.passes import DEFAULT_PIPELINE, describe_passes
+from onnxopt.quant import int8
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="onnxopt: verified ONNX model rewriting, validation and benchmarking.")
@@ -304,7 +306,7 @@ def list_passes():
     table = Table(title="onnxopt passes")
     for column in ("pass", "kind", "default", "what it does"):
         table.add_column(column)
-    for name, is_lossy, text in describe_passes():
+    for name, is_lossy, text in describe_passes(api.REGISTRY):
         table.add_row(name, "lossy" if is_lossy else "exact",
                       "yes" if name in DEFAULT_PIPELINE else "", text)
     stdout.print(table)

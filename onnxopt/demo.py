@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import api, runtime
+from onnxopt import api
 from onnxopt.inputs import Feeds
-from onnxopt.int8 import Int8Options
+from onnxopt.measure import runtime
+from onnxopt.quant.int8 import Int8Options
 from onnxopt.report import Report
 
 __all__ = ["run_demo", "demo_feeds"]

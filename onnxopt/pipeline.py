@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from onnxopt import io, runtime
-from onnxopt import verify as verify_mod
+from onnxopt import io
 from onnxopt.errors import BadInputError, OnnxoptError, root_cause
 from onnxopt.inputs import Feeds
+from onnxopt.measure import runtime
+from onnxopt.measure import verify as verify_mod
 from onnxopt.passes import PassReport
 
 __all__ = ["PassRun", "Checker", "run_pipeline", "upgrade_opset"]

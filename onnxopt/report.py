@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxopt.bench import Latency
+from onnxopt.measure.bench import Latency
+from onnxopt.measure.stats import ModelStats
+from onnxopt.measure.verify import Verification
 from onnxopt.pipeline import PassRun
-from onnxopt.stats import ModelStats
-from onnxopt.verify import Verification
 
 __all__ = ["Report", "LatencyComparison", "render", "write_json", "write_dict_json", "render_stats",
            "render_bench"]

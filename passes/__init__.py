@@ -11,10 +11,8 @@ from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDyna
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
 from onnxopt.passes.split_outliers import SplitOutliersOptions, SplitOutliersPass
-from onnxopt.passes.transfer import TransferPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
-__all__ += ["TransferPass"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
@@ -28,16 +26,16 @@ REGISTRY = {
     EqualizeCrossLayerPass.name: EqualizeCrossLayerPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,
-    TransferPass.name: TransferPass,  # only with optimize --transfer-from: changes the function
 }
-# Not in the registry: SmoothActivationsPass and SplitOutliersPass need per-channel ranges from
-# calibration data (`--int8 --calib` runs them, see onnxopt.smoothing).
+# Not here: TransferPass (onnxopt.transfer; the API's registry adds it, see onnxopt.api), and
+# SmoothActivationsPass and SplitOutliersPass need per-channel ranges from
+# calibration data (`--int8 --calib` runs them, see onnxopt.quant.smoothing).
 
 # What `onnxopt optimize` runs with no pass flags: exact rewrites only.
 DEFAULT_PIPELINE = ("cleanup", "fuse-activations", "fold-batchnorm")
 
 
-def describe_passes() -> list[tuple[str, bool, str]]:
-    """(name, lossy, one-line description) for every registered pass."""
+def describe_passes(registry: dict | None = None) -> list[tuple[str, bool, str]]:
+    """(name, lossy, one-line description) for every pass of `registry` (default: REGISTRY)."""
     return [(name, cls.lossy, (cls.__doc__ or "").strip().splitlines()[0])
-            for name, cls in REGISTRY.items()]
+            for name, cls in (REGISTRY if registry is None else registry).items()]

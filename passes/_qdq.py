@@ -25,6 +25,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes._graph import NameSource, constant, new_initializer
 
+from onnxopt.measure import runtime
+
 __all__ = [
     "BIAS_LIMIT",
     "CLIP_METHODS",
@@ -269,8 +271,6 @@ def ort_kernel_counts(model: ir.Model | bytes | str | os.PathLike) -> dict[str, 
     ENABLE_ALL, the optimized graph saved and read back), subgraphs included: QLinearConv,
     QGemm, leftover Conv... An in-memory model whose weights stay in external files goes to ORT
     as a temporary file (bytes cannot point at external data)."""
-    from onnxopt import runtime
-
     if isinstance(model, ir.Model):
         with runtime.model_file(model) as source:
             return ort_kernel_counts(source)

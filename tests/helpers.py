@@ -118,23 +118,23 @@ def ignored_outlier_mlp(rng: np.random.Generator, width: int, hidden: int, out: 
 
 
 def stub_variant(rewrite: str, worst: float, culprits: set[str], layers: int = 10):
-    """A dynamic-int8 variant (onnxopt.int8_dynamic._Variant) whose trials quantize `layers`
+    """A dynamic-int8 variant (onnxopt.quant.dynamic._Variant) whose trials quantize `layers`
     MatMuls 'layer0'... and hold the budget once every name in `culprits` is float: for the
     variant-choice logic without quantizing anything."""
     from types import SimpleNamespace
 
-    from onnxopt import int8_budget, int8_dynamic
+    from onnxopt.quant import budget, dynamic
 
     names = [f"layer{i}" for i in range(layers)]
 
-    def outcome(exclude) -> int8_budget.Outcome:
+    def outcome(exclude) -> budget.Outcome:
         missing = len(culprits - set(exclude))
         checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - missing)])
         report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names],
                                  counts={"quantized": len(names)})
-        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
-                                   "" if missing == 0 else "y: cosine 0.9 < 0.99",
-                                   tuple(exclude))
+        return budget.Outcome(tuple(exclude), report, checked, missing == 0,
+                              "" if missing == 0 else "y: cosine 0.9 < 0.99",
+                              tuple(exclude))
 
     trial = SimpleNamespace(run=lambda exclude, batches=None: outcome(exclude))
-    return int8_dynamic._Variant(worst, False, trial, outcome(()), rewrite)
+    return dynamic._Variant(worst, False, trial, outcome(()), rewrite)

@@ -6,7 +6,7 @@ import numpy as np
 from helpers import make_model, to_bytes, value_info
 from onnx import helper
 
-from onnxopt import bench, runtime
+from onnxopt.measure import bench, runtime
 
 
 def test_ratio_ci_brackets_the_true_ratio_on_synthetic_timings():

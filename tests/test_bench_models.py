@@ -11,8 +11,9 @@ import pytest
 from helpers import invoke_cli, make_model, tensor, value_info
 from onnx import TensorProto, helper
 
-from onnxopt import api, bench, bench_models, placement, runtime, validation
-from onnxopt.verify import Tolerance
+from onnxopt import api
+from onnxopt.measure import bench, bench_models, placement, runtime, validation
+from onnxopt.measure.verify import Tolerance
 
 DEFAULT = str(api.default_model_path())
 HAS_CUDA = "CUDAExecutionProvider" in runtime.onnxruntime().get_available_providers()
@@ -107,7 +108,7 @@ def test_bench_json_schema_and_plot(tmp_path, capsys, monkeypatch):
                                  "--batch", "1,2"], capsys, monkeypatch)
     assert code == 0, err
     data = json.loads((tmp_path / "b.json").read_text())
-    assert data["schema"] == "onnxopt.bench/1"
+    assert data["schema"] == "onnxopt.measure.bench/1"
     assert data["models"] == [str(path), str(other)]
     assert {"platform", "cpus", "onnxruntime", "providers"} <= set(data["machine"])
     assert len(data["rows"]) == 4
@@ -162,7 +163,7 @@ def test_tolerance_follows_precision(tmp_path):
 
 
 def test_memprobe_measures_a_session_alone(tmp_path):
-    from onnxopt import memprobe
+    from onnxopt.measure import memprobe
 
     rng = np.random.default_rng(0)
     big = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [value_info("x", [1, 2048])],

@@ -8,11 +8,11 @@ import pytest
 from helpers import make_model, run, tensor, to_ir, value_info
 from onnx import TensorProto, helper
 
-from onnxopt import calibrate
-from onnxopt.activations import collect_stats
-from onnxopt.calibrate import Preprocess, calibration_data, parse_preprocess
+from onnxopt.calib import sources
+from onnxopt.calib.activations import collect_stats
+from onnxopt.calib.histogram import TensorStats
+from onnxopt.calib.sources import Preprocess, calibration_data, parse_preprocess
 from onnxopt.errors import BadInputError
-from onnxopt.histogram import TensorStats
 
 
 def growing_batches(seed: int, count: int = 50, size: int = 2000) -> list[np.ndarray]:
@@ -380,7 +380,7 @@ def test_collect_stats_streams_a_calibration_folder(tmp_path):
         np.save(tmp_path / f"{i}.npy", rng.standard_normal((3, 2, 4, 4)).astype(np.float32))
     data = calibration_data(tmp_path, model, samples=10)
     stats = collect_stats(model, data, ["relu_out"])
-    assert stats["relu_out"].count == 10 * 3 * 4 * 4 and calibrate.RANDOM == "random"
+    assert stats["relu_out"].count == 10 * 3 * 4 * 4 and sources.RANDOM == "random"
 
 
 def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_path):
@@ -388,7 +388,7 @@ def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_pa
     held-out part is capped at 32 batches, so Python-side peak memory stays a few MB."""
     import tracemalloc
 
-    from onnxopt import int8, int8_prepare
+    from onnxopt.quant import int8, prepare
 
     model = relu_model([1, 1, 128, 128])
     path = tmp_path / "calib.npz"
@@ -397,7 +397,7 @@ def test_int8_calibration_input_memory_does_not_grow_with_the_batch_count(tmp_pa
     options = int8.Int8Options(calib=str(path))
     tracemalloc.start()
     try:
-        calib, held = int8_prepare.split_data(model, options, [])
+        calib, held = prepare.split_data(model, options, [])
         stats = collect_stats(model, calib, ["y"])
         _, peak = tracemalloc.get_traced_memory()
     finally:

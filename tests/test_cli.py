@@ -387,7 +387,7 @@ def test_python_api_bad_input_raises(tmp_path):
 
 def test_failed_final_verification_exits_1(cli_run, model_path, monkeypatch):
     """When even the reverted pipeline cannot be verified, optimize says so and exits 1."""
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     def always_fails(model, reference, feeds, tolerance=verify.Tolerance(), floor=None):
         return verify.Verification("failed", reason="sabotaged for the test", batches=len(feeds))

@@ -9,8 +9,9 @@ import onnx
 import pytest
 from helpers import invoke_cli, op_count
 
-from onnxopt import api, int8
+from onnxopt import api
 from onnxopt.errors import BadInputError
+from onnxopt.quant import int8
 
 DEFAULT = str(api.default_model_path())
 

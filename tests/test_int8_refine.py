@@ -25,8 +25,9 @@ from onnxopt.passes import EqualizeCrossLayerPass, _qdq
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass, quantizable_tensors
 from test_quantize_int8 import cosine, small_cnn
 
-from onnxopt import api, bias_correction, int8, int8_budget
-from onnxopt.activations import collect_stats
+from onnxopt import api
+from onnxopt.calib.activations import collect_stats
+from onnxopt.quant import bias_correction, budget, int8
 
 DEFAULT = str(api.default_model_path())
 
@@ -323,11 +324,11 @@ def test_spread_error_keeps_the_longest_prefix_that_holds():
     class Stub:  # holds when at least the last 4 layers are float, whatever else
         def run(self, exclude, *, batches=None):
             holds = set(names[6:]) <= set(exclude)
-            return int8_budget.Outcome(f"model-{len(exclude)}", None, None, holds, "" if holds else "x")
+            return budget.Outcome(f"model-{len(exclude)}", None, None, holds, "" if holds else "x")
 
     notes: list[str] = []
-    full = int8_budget.Outcome("full", None, None, False, "y: cosine 0.9 < 0.99")
-    best = int8_budget.longest_prefix(Stub(), full, names, notes)
+    full = budget.Outcome("full", None, None, False, "y: cosine 0.9 < 0.99")
+    best = budget.longest_prefix(Stub(), full, names, notes)
     assert best.holds and best.model == "model-4"
     assert "the last 4 of 10 quantized layers, from 'layer6' on; the first 6 stay int8" in notes[0]
 
@@ -340,12 +341,12 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
     names = [f"layer{i}" for i in range(12)]
     culprits = {"layer2", "layer5", "layer9"}
 
-    def outcome(exclude) -> int8_budget.Outcome:
+    def outcome(exclude) -> budget.Outcome:
         missing = len(culprits - set(exclude))
         checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - 10 * missing)])
         report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names])
-        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
-                             "" if missing == 0 else "y: cosine 0.9 < 0.99", tuple(exclude))
+        return budget.Outcome(tuple(exclude), report, checked, missing == 0,
+                              "" if missing == 0 else "y: cosine 0.9 < 0.99", tuple(exclude))
 
     runs: list[tuple] = []
 
@@ -355,7 +356,7 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
             return outcome(exclude)
 
     notes: list[str] = []
-    best = int8_budget.fall_back(Stub(), outcome(()), notes)
+    best = budget.fall_back(Stub(), outcome(()), notes)
     assert best.holds and set(best.excluded) == culprits
     # sensitivity per layer, then 1, 2, 4 and 3 back in float, then each of the 3 retried alone
     assert (4 in {len(r) for r in runs}) and len(runs) == len(names) + 4 + 3
@@ -363,11 +364,11 @@ def test_fallback_bisects_to_the_fewest_layers_back_in_float():
     # Bounded by `most` (another variant held with 2 float): 1 and 2 miss, and the search stops
     # there instead of going on to 4 or to the longest prefix.
     runs.clear()
-    bounded = int8_budget.fall_back(Stub(), outcome(()), [], most=2)
+    bounded = budget.fall_back(Stub(), outcome(()), [], most=2)
     assert not bounded.holds and bounded.excluded == ()
     assert max(len(r) for r in runs) == 2 and len(runs) == len(names) + 2
     runs.clear()
-    assert int8_budget.fall_back(Stub(), outcome(()), [], most=0).excluded == () and not runs
+    assert budget.fall_back(Stub(), outcome(()), [], most=0).excluded == () and not runs
 
 
 def test_fallback_requantizes_a_layer_the_one_batch_ranking_blamed_wrongly():
@@ -378,21 +379,21 @@ def test_fallback_requantizes_a_layer_the_one_batch_ranking_blamed_wrongly():
     names = [f"layer{i}" for i in range(10)]
     culprits = {"layer2", "layer5"}
 
-    def outcome(exclude, batches=None) -> int8_budget.Outcome:
+    def outcome(exclude, batches=None) -> budget.Outcome:
         missing = len(culprits - set(exclude))
         fooled = 20.0 if batches == 1 and "layer8" in exclude else 0.0
         checked = SimpleNamespace(outputs=[SimpleNamespace(sqnr_db=40.0 - 10 * missing + fooled)])
         report = SimpleNamespace(log=[f"quantized {n!r} (MatMul): weight" for n in names])
-        return int8_budget.Outcome(tuple(exclude), report, checked, missing == 0,
-                                   "" if missing == 0 else "y: cosine 0.9 < 0.99",
-                                   tuple(exclude))
+        return budget.Outcome(tuple(exclude), report, checked, missing == 0,
+                              "" if missing == 0 else "y: cosine 0.9 < 0.99",
+                              tuple(exclude))
 
     class Stub:
         def run(self, exclude, *, batches=None):
             return outcome(exclude, batches)
 
     notes: list[str] = []
-    best = int8_budget.fall_back(Stub(), outcome(()), notes)
+    best = budget.fall_back(Stub(), outcome(()), notes)
     assert best.holds and set(best.excluded) == culprits
     assert "'layer8'" not in notes[0]
 
@@ -561,7 +562,7 @@ def test_static_int8_gives_if_branch_matmuls_weights_only_int8(tmp_path):
 def test_budget_reads_integer_outputs_as_the_share_of_equal_elements():
     """An argmax output that changes in 1 place of 1000 must not sink int8 (cosine of class
     indices means nothing); one that changes in 5% of places must."""
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     reference = np.arange(1000, dtype=np.int64) % 7
     one_off, many_off = reference.copy(), reference.copy()
@@ -630,7 +631,7 @@ def test_keep_float_that_names_nothing_is_one_line(tmp_path, capsys, monkeypatch
 def test_outputs_that_are_zero_within_atol_do_not_report_a_noise_cosine():
     """A sigmoid saturated at 0 (values ~1e-8) differs only in float noise: cosine and SQNR of
     that noise (0.45, -6 dB on PP-OCR det) must not be reported; a real difference still is."""
-    from onnxopt import verify
+    from onnxopt.measure import verify
 
     rng = np.random.default_rng(3)
     noise_a = rng.uniform(0, 3e-8, 1024).astype(np.float32)
@@ -655,7 +656,7 @@ def _masked(values: np.ndarray, share: float, sentinel: float, rng) -> np.ndarra
 @pytest.mark.parametrize("share", [0.1, 0.7])
 @pytest.mark.parametrize("sentinel", [-1e4, float(np.finfo(np.float32).min)])
 def test_an_attention_mask_range_is_recognised_whatever_share_is_masked(share, sentinel):
-    from onnxopt.histogram import TensorStats
+    from onnxopt.calib.histogram import TensorStats
 
     rng = np.random.default_rng(30)
     stats = TensorStats()
@@ -666,7 +667,7 @@ def test_an_attention_mask_range_is_recognised_whatever_share_is_masked(share, s
 
 
 def test_wide_ordinary_ranges_are_not_sentinels():
-    from onnxopt.histogram import TensorStats
+    from onnxopt.calib.histogram import TensorStats
 
     rng = np.random.default_rng(31)
     for values in (rng.uniform(-2e4, 2e4, 10_000),  # spread over the whole range
@@ -698,7 +699,7 @@ def _mask_data(rng, batches: int) -> dict[str, np.ndarray]:
 def test_static_int8_leaves_an_attention_mask_float_and_holds_the_budget(tmp_path, monkeypatch):
     """uint8 over [-10000, 10] gives the scores one level: softmax turns uniform (ORT's
     quantize_static does this to every BERT export). Left float, the budget holds."""
-    from onnxopt.histogram import TensorStats
+    from onnxopt.calib.histogram import TensorStats
 
     rng = np.random.default_rng(32)
     model = _masked_attention(rng)

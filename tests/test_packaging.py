@@ -1,4 +1,5 @@
-"""passes/ ships as onnxopt.passes: in the editable install pytest runs on, and in a built wheel."""
+"""passes/ ships as onnxopt.passes, and every stage subpackage of onnxopt ships too: in the
+editable install pytest runs on, and in a built wheel."""
 
 from __future__ import annotations
 
@@ -32,17 +33,29 @@ def test_wheel_contains_passes_and_the_default_model(tmp_path):
     assert "onnxopt/passes/cleanup.py" in names
     assert "onnxopt/data/digits_resnet.onnx" in names
     assert "onnxopt/data/digits_samples.npz" in names
+    # Every module of the checkout, so a new subpackage missing from pyproject.toml fails here.
+    sources = {f"onnxopt/{p.relative_to(ROOT / 'onnxopt').as_posix()}"
+               for p in (ROOT / "onnxopt").rglob("*.py")}
+    sources |= {f"onnxopt/passes/{p.name}" for p in (ROOT / "passes").glob("*.py")}
+    assert {"onnxopt/quant/int8.py", "onnxopt/measure/verify.py", "onnxopt/calib/sources.py",
+            "onnxopt/transfer/apply.py"} <= sources
+    assert sources - names == set()
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     # The unpacked wheel first on the path, in a fresh interpreter: it, not the checkout, is used.
     probe = subprocess.run(
         [sys.executable, "-c",
-         "import onnxopt.passes.fold_batchnorm as m, onnxopt.api as a; print(m.__file__); "
-         "print(a.default_model_path().is_file())"],
+         "import importlib, pkgutil, onnxopt, onnxopt.passes.fold_batchnorm as m, onnxopt.api as a; "
+         "mods = [importlib.import_module(i.name) for i in "
+         "pkgutil.walk_packages(onnxopt.__path__, 'onnxopt.') if not i.name.endswith('__main__')]; "
+         "print(m.__file__); print(a.default_model_path().is_file()); "
+         "print(all(x.__file__.startswith(onnxopt.__path__[0]) for x in mods), len(mods))"],
         capture_output=True, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(unpacked)},
     )
     assert probe.returncode == 0, probe.stderr
-    module_file, has_model = probe.stdout.split()
+    module_file, has_model, all_from_wheel, count = probe.stdout.split()
     assert Path(module_file).is_relative_to(unpacked)
     assert has_model == "True"
+    # Every module but onnxopt/__init__.py (the root) and __main__.py (it runs the CLI) imported.
+    assert all_from_wheel == "True" and int(count) == len(sources) - 2, probe.stdout

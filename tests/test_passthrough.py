@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes import CleanupOptions, CleanupPass
 
 import onnxopt
-from onnxopt.verify import Tolerance
+from onnxopt.measure.verify import Tolerance
 
 NO_BENCH = onnxopt.OptimizeOptions(bench=())
 
@@ -266,7 +266,7 @@ def test_fp16_with_default_tolerance_stays_within_it(tmp_path):
     """Whatever the pipeline keeps (fold, or revert), the saved model meets the promised
     tolerance on the verification inputs: for fp16 outputs rtol 2e-3 (2 ulps) and atol 1e-3,
     raised to 8x the noise floor that ORT's own fusions show on this model."""
-    from onnxopt.verify import FLOOR_FACTOR
+    from onnxopt.measure.verify import FLOOR_FACTOR
 
     model = fp16_conv_bn_model(12)
     out, report = optimize(tmp_path, model)

@@ -9,7 +9,8 @@ from helpers import bn_node, bn_params, make_model, op_count, tensor, to_ir, val
 from onnx import helper
 from onnxopt.passes import CleanupPass, FoldBatchNormPass, PassReport
 
-from onnxopt import inputs, pipeline, verify
+from onnxopt import inputs, pipeline
+from onnxopt.measure import verify
 
 
 class BreakWeightsPass(ir.passes.InPlacePass):
@@ -140,7 +141,8 @@ def test_a_rewrite_that_runs_slower_is_not_kept(tmp_path, monkeypatch):
     import onnx
 
     import onnxopt
-    from onnxopt import api, bench
+    from onnxopt import api
+    from onnxopt.measure import bench
 
     def fake_measure(runners, **kwargs):  # the rewrite takes twice as long
         rng = np.random.default_rng(0)

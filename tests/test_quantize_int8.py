@@ -21,7 +21,7 @@ from onnxopt.passes.quantize_int8 import (
     quantizable_tensors,
 )
 
-from onnxopt.activations import collect_stats
+from onnxopt.calib.activations import collect_stats
 
 DATA = Path(__file__).resolve().parents[1] / "onnxopt" / "data"
 # This CPU's ORT u8×s8 kernels saturate without VNNI; the CLI makes the same choice.

@@ -24,8 +24,8 @@ from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
 from typer.testing import CliRunner
 
-from onnxopt import int8, smoothing
 from onnxopt.cli import app
+from onnxopt.quant import int8, smoothing
 
 K, N = 64, 128  # 8192-element weights: above quantize-dynamic's min_weight_elements
 OUTLIERS = (3, 17, 40)  # input channels 50x larger than the rest, as after LayerNorm in BERT
@@ -271,13 +271,13 @@ def test_smooth_without_calibration_data_says_it_was_not_applied():
 def test_when_neither_variant_holds_all_int8_the_one_needing_fewer_float_layers_is_kept():
     """MiniLM's case: SmoothQuant brings all-int8 closer to fp32 yet spreads the error, so its
     fallback needs more layers float than the plain variant's; the plain one is kept."""
-    from onnxopt import int8_dynamic
+    from onnxopt.quant import dynamic
 
     plain = stub_variant("", 0.93, {"layer1", "layer4"})
-    smooth = stub_variant(int8_dynamic.SMOOTH, 0.95, {"layer0", "layer2", "layer5", "layer7",
-                                                       "layer8"})
+    smooth = stub_variant(dynamic.SMOOTH, 0.95, {"layer0", "layer2", "layer5", "layer7",
+                                                  "layer8"})
     notes: list[str] = []
-    chosen, outcome = int8_dynamic._chosen_variant([plain, smooth], notes, lambda _: None)
+    chosen, outcome = dynamic._chosen_variant([plain, smooth], notes, lambda _: None)
     assert chosen is plain and set(outcome.excluded) == {"layer1", "layer4"}
     assert any("kept plain dynamic int8 (plain: held with 2 layers float; SmoothQuant: held "
                "with 5 layers float)" in n for n in notes), notes

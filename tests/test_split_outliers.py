@@ -24,8 +24,8 @@ from onnxopt.passes.quantize_int8 import cpu_needs_reduce_range
 from onnxopt.passes.split_outliers import SplitOutliersOptions, SplitOutliersPass, outlier_channels
 from typer.testing import CliRunner
 
-from onnxopt import int8, smoothing
 from onnxopt.cli import app
+from onnxopt.quant import int8, smoothing
 
 K, N = 96, 128  # 12288-element weights: above quantize-dynamic's min_weight_elements
 OUTLIERS = [5, 40]  # input channels 30x larger than the rest (MiniLM's FFN input: 16-22x)
@@ -178,22 +178,22 @@ def test_cli_split_outliers_flag(tmp_path, flag):
 
 
 def test_the_split_is_not_kept_where_the_plain_variant_needs_no_more_float_layers():
-    from onnxopt import int8_dynamic
+    from onnxopt.quant import dynamic
 
     # Both hold with every layer int8: the split is closer, but its extra ops buy nothing.
-    plain, split = stub_variant("", 0.995, set()), stub_variant(int8_dynamic.SPLIT, 0.999, set())
-    chosen, _ = int8_dynamic._chosen_variant([plain, split], [], lambda _: None)
+    plain, split = stub_variant("", 0.995, set()), stub_variant(dynamic.SPLIT, 0.999, set())
+    chosen, _ = dynamic._chosen_variant([plain, split], [], lambda _: None)
     assert chosen is plain
     # Both need one layer float: a tie in the float count also keeps the plain variant.
     plain = stub_variant("", 0.95, {"layer3"})
-    split = stub_variant(int8_dynamic.SPLIT, 0.97, {"layer5"})
-    chosen, _ = int8_dynamic._chosen_variant([plain, split], [], lambda _: None)
+    split = stub_variant(dynamic.SPLIT, 0.97, {"layer5"})
+    chosen, _ = dynamic._chosen_variant([plain, split], [], lambda _: None)
     assert chosen is plain
     # The split needs fewer layers float: kept, and the note says what each needed.
-    split = stub_variant(int8_dynamic.SPLIT, 0.97, {"layer6"})
+    split = stub_variant(dynamic.SPLIT, 0.97, {"layer6"})
     plain = stub_variant("", 0.95, {"layer1", "layer3"})
     notes: list[str] = []
-    chosen, outcome = int8_dynamic._chosen_variant([plain, split], notes, lambda _: None)
+    chosen, outcome = dynamic._chosen_variant([plain, split], notes, lambda _: None)
     assert chosen is split and outcome.excluded == ("layer6",)
     # The split ran first (closer with all int8) and held with 1; plain could only win with 1.
     assert any("kept outlier split (plain: not with 1 or fewer layers float; outlier split: "
@@ -230,24 +230,24 @@ def test_smoothquant_after_the_split_folds_into_the_mask_and_lowers_the_error():
 
 
 def test_dynamic_int8_measures_all_four_combinations_of_the_two_rewrites():
-    from onnxopt import int8_dynamic
+    from onnxopt.quant import dynamic
 
     model = shared_input_model()
     calib = [{"x": _spread_x(s)} for s in range(6)]
     feeds = [{"x": _spread_x(s)} for s in range(6, 8)]
     notes: list[str] = []
     options = int8.Int8Options(mode="dynamic", reduce_range=True, check_speed=False)
-    variants = int8_dynamic._dynamic_variants(model, options, feeds, calib, notes)
+    variants = dynamic._dynamic_variants(model, options, feeds, calib, notes)
     worst = {v.rewrite: v.worst for v in variants}
-    both = f"{int8_dynamic.SPLIT} + {int8_dynamic.SMOOTH}"
-    assert set(worst) == {"", int8_dynamic.SMOOTH, int8_dynamic.SPLIT, both}, worst
-    assert worst[both] > worst[int8_dynamic.SPLIT] > worst[""], worst
+    both = f"{dynamic.SPLIT} + {dynamic.SMOOTH}"
+    assert set(worst) == {"", dynamic.SMOOTH, dynamic.SPLIT, both}, worst
+    assert worst[both] > worst[dynamic.SPLIT] > worst[""], worst
     assert sum("with all int8" in n for n in notes) == 3, notes
     # Forcing one rewrite keeps only the variants with it.
-    only = int8_dynamic._dynamic_variants(
+    only = dynamic._dynamic_variants(
         model, int8.Int8Options(mode="dynamic", reduce_range=True, split_outliers=True),
         feeds, calib, [])
-    assert {v.rewrite for v in only} == {int8_dynamic.SPLIT, both}
+    assert {v.rewrite for v in only} == {dynamic.SPLIT, both}
 
 
 def test_forced_split_on_a_model_without_outliers_says_so_and_quantizes_plainly(tmp_path):

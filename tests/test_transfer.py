@@ -15,8 +15,8 @@ from helpers import invoke_cli, make_model, run, tensor, value_info
 from onnx import TensorProto, helper
 
 from onnxopt import io, transfer
-from onnxopt import transfer_match as tm
 from onnxopt.errors import BadInputError
+from onnxopt.transfer import match as tm
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 TS, DYNAMO = MODELS / "transfer_net_ts.onnx", MODELS / "transfer_net_dynamo.onnx"

@@ -1,6 +1,6 @@
 """Peak memory of one ORT session, measured in a fresh process so nothing else is counted.
 
-    python -m onnxopt.memprobe MODEL FEEDS.npz EP THREADS  ->  prints peak MB
+    python -m onnxopt.measure.memprobe MODEL FEEDS.npz EP THREADS  ->  prints peak MB
 
 The child imports onnxruntime, records its resident memory, creates the session and runs it once,
 then prints the growth of its peak resident memory (VmHWM) over that baseline: weights, arenas
@@ -32,7 +32,7 @@ def session_peak_mb(model: str, feeds: Mapping[str, np.ndarray], ep: str, thread
     feeds_path = Path(workdir) / "feeds.npz"
     np.savez(feeds_path, **feeds)
     child = subprocess.run(
-        [sys.executable, "-m", "onnxopt.memprobe", model, str(feeds_path), ep, str(threads)],
+        [sys.executable, "-m", "onnxopt.measure.memprobe", model, str(feeds_path), ep, str(threads)],
         capture_output=True, text=True, timeout=600,
     )
     try:
@@ -42,7 +42,7 @@ def session_peak_mb(model: str, feeds: Mapping[str, np.ndarray], ep: str, thread
 
 
 def _main(model: str, feeds_path: str, ep: str, threads: str) -> None:
-    from onnxopt import runtime
+    from onnxopt.measure import runtime
 
     runtime.onnxruntime()
     baseline = _status_mb("VmRSS")

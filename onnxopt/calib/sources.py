@@ -14,7 +14,7 @@ before the first run (names, dtypes, shapes from file headers), so bad data fail
 `samples` (`--calib-samples N`) caps rows along the batch axis across batches; with a fixed batch
 size the cap rounds down to whole batches (at least one).
 
-The statistics of the activations are reduced batch by batch in `onnxopt.activations`.
+The statistics of the activations are reduced batch by batch in `onnxopt.calib.activations`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import inputs
+from onnxopt.calib.images import Preprocess, image_size, load_image, parse_preprocess
 from onnxopt.errors import BadInputError, first_line
-from onnxopt.images import Preprocess, image_size, load_image, parse_preprocess
 from onnxopt.inputs import (
     BatchLayout,
     Feeds,

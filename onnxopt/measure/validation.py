@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 import onnx_ir as ir
 
 from onnxopt import inputs, io
-from onnxopt import verify as verify_mod
 from onnxopt.errors import BadInputError
-from onnxopt.verify import Tolerance, Verification
+from onnxopt.measure import verify as verify_mod
+from onnxopt.measure.verify import Tolerance, Verification
 
 __all__ = ["Comparison", "precision_of", "tolerance_for", "validate_providers"]
 

@@ -10,10 +10,15 @@ import math
 
 import onnx_ir as ir
 from onnx_ir.passes import common
+from onnxopt.passes import FuseActivationsPass
+from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
+from onnxopt.passes._graph import constant
+from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 
-from onnxopt import calibrate, pipeline
+from onnxopt import pipeline
+from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
-from onnxopt.int8_options import Int8Options
+from onnxopt.quant.options import Int8Options
 
 __all__ = ["at_int8_opset", "calibration_data", "check_quantizable", "named", "split_data"]
 
@@ -25,10 +30,6 @@ def check_quantizable(model: ir.Model, source: str) -> None:
     """A one-line error when `--int8` has nothing to work on: no Conv, Gemm or MatMul with a
     constant float weight and no embedding table large enough for int8, in any graph. (A model
     with such layers that all end up float says why in its report instead.)"""
-    from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
-    from onnxopt.passes._graph import constant
-    from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
-
     for graph in model.graphs():
         for node in graph:
             if node.domain not in ("", "ai.onnx"):
@@ -57,10 +58,10 @@ def named(model: ir.Model) -> ir.Model:
     return named
 
 
-def calibration_data(model: ir.Model, options: Int8Options) -> calibrate.CalibrationData:
+def calibration_data(model: ir.Model, options: Int8Options) -> sources.CalibrationData:
     """`--calib` as `options` describe it (preprocessing, sample cap, declared shapes)."""
-    return calibrate.calibration_data(options.calib, model, preprocess=options.preprocess,
-                                      samples=options.calib_samples, shapes=options.shapes)
+    return sources.calibration_data(options.calib, model, preprocess=options.preprocess,
+                                    samples=options.calib_samples, shapes=options.shapes)
 
 
 def split_data(model: ir.Model, options: Int8Options, notes: list[str]):
@@ -82,8 +83,6 @@ def at_int8_opset(model: ir.Model, notes: list[str]) -> ir.Model:
     the model has x * HardSigmoid(x) (hard-swish before opset 14): one HardSwish there leaves
     three float ops between two QLinearConv instead of four (PP-OCR det: int8 0.75 -> 0.72 of
     the original's latency at 1 thread)."""
-    from onnxopt.passes import FuseActivationsPass
-
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     target = 14 if opset < 14 and _has_split_hardswish(model.graph) else 13
     if opset >= target:

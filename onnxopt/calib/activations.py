@@ -16,10 +16,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from onnxopt import runtime
+from onnxopt.calib.histogram import TensorStats
 from onnxopt.errors import BadInputError
-from onnxopt.histogram import TensorStats
 from onnxopt.inputs import Feeds
+from onnxopt.measure import runtime
 
 __all__ = ["collect_stats", "iter_activations"]
 

@@ -22,10 +22,19 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnxopt.passes import (
+    EqualizeCrossLayerPass,
+    QuantizeDynamicOptions,
+    QuantizeDynamicPass,
+    _qdq,
+    quantize_int8,
+)
 
-from onnxopt import activations, verify
+from onnxopt.calib import activations
 from onnxopt.errors import BadInputError
-from onnxopt.int8_budget import (
+from onnxopt.measure import verify
+from onnxopt.quant import bias_correction
+from onnxopt.quant.budget import (
     Budget,
     Outcome,
     fall_back,
@@ -34,8 +43,8 @@ from onnxopt.int8_budget import (
     quantized_layers,
     slower,
 )
-from onnxopt.int8_dynamic import quantize_dynamic
-from onnxopt.int8_options import (
+from onnxopt.quant.dynamic import quantize_dynamic
+from onnxopt.quant.options import (
     CLIP_WEIGHTS,
     METHODS,
     MODES,
@@ -46,7 +55,7 @@ from onnxopt.int8_options import (
     keep_float_names,
     kept_float,
 )
-from onnxopt.int8_prepare import (
+from onnxopt.quant.prepare import (
     at_int8_opset,
     calibration_data,
     check_quantizable,
@@ -141,15 +150,11 @@ def _faster(static: Int8Result, dynamic: Int8Result, feeds, notes: list[str]) ->
 
 
 def _dynamic_candidates(model: ir.Model) -> bool:
-    from onnxopt.passes import quantize_dynamic as dynamic
-
-    return bool(dynamic.QuantizeDynamicPass().call(model.clone()).counts.get("quantized"))
+    return bool(QuantizeDynamicPass().call(model.clone()).counts.get("quantized"))
 
 
 def _quantize_static(model: ir.Model, options: Int8Options, notes: list[str], say,
                      calib_batches, check_batches) -> Int8Result:
-    from onnxopt.passes import quantize_int8  # passes import onnxopt modules: import late
-
     base = at_int8_opset(model, notes)  # before choosing tensors: the pass needs 13
     if options.equalize:
         base = _equalized(base, notes)
@@ -219,8 +224,6 @@ def _cuda_keeps_float(model: ir.Model, notes: list[str]) -> Int8Result:
 
 
 def _equalized(base: ir.Model, notes: list[str]) -> ir.Model:
-    from onnxopt.passes import EqualizeCrossLayerPass
-
     equalized = base.clone()
     report = EqualizeCrossLayerPass()(equalized)
     pairs = report.counts.get("equalized", 0)
@@ -237,9 +240,6 @@ def _bias_corrected(trial: _Trial, result: Outcome, calib_batches, options: Int8
                     notes: list[str]) -> tuple[_Trial, Outcome]:
     """Correct biases for the mean shift weight rounding causes; keep the corrected trial when
     asked to (--bias-correction) or when it scores better on the held-out batches."""
-    from onnxopt import bias_correction
-    from onnxopt.passes import _qdq
-
     layers = quantized_layers(result.report.log)
     weights = _qdq.WeightOptions(reduce_range=trial.reduce_range, clip=trial.clip_weights)
     shifts = bias_correction.output_shifts(trial.base, layers, calib_batches[:_BIAS_BATCHES],
@@ -292,8 +292,6 @@ def _check(options: Int8Options) -> None:
 
 
 def _reduce_range(options: Int8Options, notes: list[str]) -> bool:
-    from onnxopt.passes import quantize_int8
-
     if options.reduce_range is not None:
         return options.reduce_range
     if quantize_int8.cpu_needs_reduce_range():
@@ -319,8 +317,6 @@ class _Trial:
     kept: tuple[str, ...] = ()  # --keep-float: float in every trial
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> Outcome:
-        from onnxopt.passes import _qdq, quantize_int8
-
         if self.dtypes is None:
             self.dtypes = _qdq.infer_dtypes(self.base)
         options = quantize_int8.QuantizeInt8Options(
@@ -338,9 +334,7 @@ class _Trial:
 def _subgraphs_dynamic(report, reduce_range: bool, clip_weights: str, exclude) -> None:
     """If/Loop/Scan bodies, which calibration cannot see into: weights-only (dynamic) int8 of
     their MatMul/Gemm, logged on the static pass's `report`."""
-    from onnxopt.passes import quantize_dynamic as dynamic
-
-    inner = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
+    inner = QuantizeDynamicPass(QuantizeDynamicOptions(
         reduce_range=reduce_range, clip_weights=clip_weights, exclude=exclude,
         graphs="subgraphs"))(report.model)
     report.log.extend(inner.log)

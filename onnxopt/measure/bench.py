@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from onnxopt import runtime
 from onnxopt.inputs import Feeds
+from onnxopt.measure import runtime
 
 __all__ = ["Latency", "measure", "measure_runners", "ratio_ci", "summarize", "Warmup"]
 

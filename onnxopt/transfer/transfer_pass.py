@@ -1,10 +1,12 @@
 """transfer: the weights of another model (SRC) into this one, for `optimize --transfer-from`.
 
 The matching, the BatchNormalization folds and the verification against SRC are
-onnxopt.transfer's (`onnxopt transfer SRC DST` is the same job on its own); this pass is its
-face in the pipeline. Because it changes the model's function on purpose, it is marked
-`changes_function`: the optimize API runs it first, and the passes after it are verified
-against its result, not against the model as loaded.
+onnxopt.transfer.apply's (`onnxopt transfer SRC DST` is the same job on its own); this pass is
+its face in the pipeline. It lives in the transfer stage rather than in passes/ because the
+stage runs fold-batchnorm on SRC: here, every import points down the stack. Because it changes
+the model's function on purpose, it is marked `changes_function`: the optimize API runs it
+first, and the passes after it are verified against its result, not against the model as
+loaded.
 
 Refused (logged, tensor unchanged): a DST tensor whose SRC candidate has another dtype or an
 incompatible shape, or that names and structure cannot settle (give --map). Raises when nothing
@@ -14,15 +16,14 @@ at all matches, or when no SRC model was given.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
-from onnxopt.passes._report import PassReport
 
+from onnxopt import io
 from onnxopt.errors import BadInputError
-
-if TYPE_CHECKING:
-    from onnxopt.transfer import TransferOptions
+from onnxopt.passes import PassReport
+from onnxopt.transfer import apply
+from onnxopt.transfer.apply import TransferOptions
 
 __all__ = ["TransferPass"]
 
@@ -42,14 +43,11 @@ class TransferPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> PassReport:
-        # onnxopt.transfer sits above the passes (it runs fold-batchnorm on SRC): import late.
-        from onnxopt import io, transfer
-
         if not self.source:
             raise BadInputError("transfer: no source model; use optimize --transfer-from SRC.onnx")
-        result = transfer.transfer_into(io.load(self.source), model, self.options)
+        result = apply.transfer_into(io.load(self.source), model, self.options)
         report = PassReport(model, modified=bool(result.transferred))
-        report.log += transfer.log_lines(result)
-        report.log += transfer.summary_lines(result)
-        report.counts.update(transfer.rule_counts(result))
+        report.log += apply.log_lines(result)
+        report.log += apply.summary_lines(result)
+        report.counts.update(apply.rule_counts(result))
         return report

@@ -8,9 +8,9 @@ import re
 
 import onnx_ir as ir
 
-from onnxopt import verify
 from onnxopt.errors import BadInputError
-from onnxopt.int8_budget import Budget, Outcome
+from onnxopt.measure import verify
+from onnxopt.quant.budget import Budget, Outcome
 
 __all__ = ["CLIP_WEIGHTS", "METHODS", "MODES", "TARGETS", "Int8Options", "Int8Result",
            "check_choices", "keep_float_names", "kept_float"]

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import bench, inputs, io, memprobe, placement, runtime
+from onnxopt import inputs, io
 from onnxopt.errors import BadInputError, OnnxoptError
+from onnxopt.measure import bench, memprobe, placement, runtime
 
 __all__ = ["BenchOptions", "ModelTiming", "BenchResult", "bench_models", "batch_feeds"]
 
-SCHEMA = "onnxopt.bench/1"
+SCHEMA = "onnxopt.measure.bench/1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxopt import runtime
+from onnxopt.measure import runtime
 
 __all__ = ["Placement", "node_placement", "placement_from_profile"]
 

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runtime
 from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
+from onnxopt.measure import runtime
 
 __all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "verify", "compare"]
 

@@ -2,7 +2,7 @@
 
     model, report = onnxopt.transfer.transfer("trained.onnx", "new_export.onnx", "out.onnx")
 
-Matching (onnxopt.transfer_match): --map, exact name, normalized name, then structure. When SRC
+Matching (onnxopt.transfer.match): --map, exact name, normalized name, then structure. When SRC
 has BatchNormalization nodes that DST does not (DST folded them: a TorchScript export in eval
 mode, an `onnxopt optimize` output), the match is repeated against a copy of SRC that the
 fold-batchnorm pass folded, exactly (float64, cast once):
@@ -16,8 +16,8 @@ MatMul one) or reshaped ([C] against [1, C, 1, 1]). New values are `ir.LazyTenso
 are produced when the model is saved.
 
 Verification: when SRC and the result have the same inputs and outputs, both run on the same
-inputs and every output is compared (verify.py). It is expected to pass when every DST weight
-was transferred; otherwise the errors are reported with the coverage only.
+inputs and every output is compared (onnxopt.measure.verify). It is expected to pass when every
+DST weight was transferred; otherwise the errors are reported with the coverage only.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import inputs, io, runtime
-from onnxopt import transfer_match as tm
-from onnxopt import verify as verify_mod
+from onnxopt import inputs, io
 from onnxopt.errors import BadInputError
+from onnxopt.measure import runtime
+from onnxopt.measure import verify as verify_mod
+from onnxopt.measure.verify import Tolerance, Verification
 from onnxopt.passes import FoldBatchNormPass
-from onnxopt.verify import Tolerance, Verification
+from onnxopt.transfer import match as tm
 
 __all__ = ["RULES", "SCHEMA", "Tensor", "TransferOptions", "TransferReport", "load_map",
            "log_lines", "rule_counts", "summary_lines", "transfer", "transfer_into"]
@@ -59,7 +60,7 @@ class TransferOptions:
     shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     batches: int = 2  # generated batches: more than one, so one lucky input proves nothing
     seed: int = 0
-    # Exporters order float sums differently, so not bitwise; verify.py's exact-rewrite bound.
+    # Exporters order float sums differently, so not bitwise: the exact-rewrite bound of verify.
     tolerance: Tolerance = dataclasses.field(default_factory=Tolerance)
 
 

@@ -3,7 +3,7 @@ weights int8 per column, activations quantized by ORT at run time (DynamicQuanti
 
 Variants measured against fp32 on the budget's batches: 8- or 7-bit weights (reduce_range), and
 with calibration data the same after SmoothQuant, after the outlier split, and after both
-(`onnxopt.smoothing`); the closest to fp32 is kept, or, when none holds the budget with every
+(`onnxopt.quant.smoothing`); the closest to fp32 is kept, or, when none holds the budget with every
 layer int8, the one whose fallback keeps the fewest layers float.
 """
 
@@ -13,11 +13,13 @@ import dataclasses
 from collections.abc import Callable
 
 import onnx_ir as ir
+from onnxopt.passes import QuantizeDynamicOptions, QuantizeDynamicPass, _qdq, quantize_int8
 
-from onnxopt import smoothing, verify
 from onnxopt.errors import BadInputError
-from onnxopt.int8_budget import Budget, Outcome, fall_back, quantized_layers, slower
-from onnxopt.int8_options import Int8Options, Int8Result, keep_float_names, kept_float
+from onnxopt.measure import verify
+from onnxopt.quant import smoothing
+from onnxopt.quant.budget import Budget, Outcome, fall_back, quantized_layers, slower
+from onnxopt.quant.options import Int8Options, Int8Result, keep_float_names, kept_float
 
 __all__ = ["quantize_dynamic"]
 
@@ -28,8 +30,6 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
     (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster.
     With `calib_batches`, SmoothQuant is tried as well (per-channel activation ranges)."""
-    from onnxopt.passes import quantize_int8
-
     progress("dynamic int8 of MatMul/Gemm weights")
     if not feeds:
         raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
@@ -217,13 +217,10 @@ class _DynamicTrial:
     kept: tuple[str, ...] = ()  # --keep-float: float in every trial
 
     def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> Outcome:
-        from onnxopt.passes import _qdq
-        from onnxopt.passes import quantize_dynamic as dynamic
-
         if self.dtypes is None:
             self.dtypes = _qdq.infer_dtypes(self.base)
         model = self.base.clone()
-        report = dynamic.QuantizeDynamicPass(dynamic.QuantizeDynamicOptions(
+        report = QuantizeDynamicPass(QuantizeDynamicOptions(
             reduce_range=self.reduce_range, clip_weights=self.clip_weights,
             exclude=self.kept + exclude, dtypes=self.dtypes))(model)
         checked, holds, why = self.budget.judge(model, self.reference[:batches],

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import onnx_ir as ir
 
-from onnxopt import bench, runtime, verify
 from onnxopt.errors import BadInputError
+from onnxopt.measure import bench, runtime, verify
 
 __all__ = ["Budget", "Outcome", "fall_back", "latency_ratio", "longest_prefix", "parse_budget",
            "quantized_layers", "slower"]

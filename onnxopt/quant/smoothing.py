@@ -11,8 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnxopt.passes import _matmul_inputs, split_outliers
+from onnxopt.passes import smooth_activations as smooth
 
-from onnxopt import activations
+from onnxopt.calib import activations
 from onnxopt.inputs import Feeds
 
 __all__ = ["ALPHA", "channel_absmax", "input_ranges", "smoothed", "split"]
@@ -38,8 +40,6 @@ def input_ranges(model: ir.Model, nodes: Sequence[str],
                  batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
     """Per-channel max |x| of the inputs of the MatMul/Gemm `nodes` (node names) that the
     rewrites below could act on; {} when there are none."""
-    from onnxopt.passes import _matmul_inputs  # passes import onnxopt: late
-
     names = _matmul_inputs.candidate_inputs(model.graph, frozenset(nodes))
     return channel_absmax(model, names, batches) if names else {}
 
@@ -48,8 +48,6 @@ def smoothed(model: ir.Model, nodes: Sequence[str], absmax: Mapping[str, np.ndar
              alpha: float = ALPHA) -> tuple[ir.Model, int]:
     """A smoothed copy of `model` for the MatMul/Gemm `nodes`, and how many activations were
     smoothed (0: the copy is unchanged)."""
-    from onnxopt.passes import smooth_activations as smooth
-
     if not absmax:
         return model, 0
     copy = model.clone()
@@ -62,8 +60,6 @@ def split(model: ir.Model, nodes: Sequence[str], absmax: Mapping[str, np.ndarray
           ) -> tuple[ir.Model, int, tuple[str, ...]]:
     """A copy of `model` whose MatMul/Gemm `nodes` have their outlier input channels computed
     apart; how many activations were split, and the new float MatMuls (int8 must skip them)."""
-    from onnxopt.passes import split_outliers
-
     if not absmax:
         return model, 0, ()
     copy = model.clone()
