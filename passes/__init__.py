@@ -7,6 +7,7 @@ from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
 from onnxopt.passes.equalize import EqualizeCrossLayerPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
 from onnxopt.passes.fuse_activations import FuseActivationsPass
+from onnxopt.passes.prune_weights import PruneWeightsOptions, PruneWeightsPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
@@ -17,7 +18,7 @@ __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNorm
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
             "SmoothActivationsPass", "SmoothActivationsOptions", "SplitOutliersPass",
-            "SplitOutliersOptions"]
+            "SplitOutliersOptions", "PruneWeightsPass", "PruneWeightsOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
@@ -26,6 +27,7 @@ REGISTRY = {
     EqualizeCrossLayerPass.name: EqualizeCrossLayerPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,
+    PruneWeightsPass.name: PruneWeightsPass,  # `--sparsity` runs it with a budget and a target
 }
 # Not here: TransferPass (onnxopt.transfer; the API's registry adds it, see onnxopt.api), and
 # SmoothActivationsPass and SplitOutliersPass need per-channel ranges from
