@@ -30,6 +30,9 @@ echo "== export_torch.py (TorchScript + dynamo exporters)"
 echo "== export_transfer.py (models for onnxopt transfer)"
 "$EXPORT_PY" "$HERE/export_transfer.py"
 
+echo "== export_prune.py (models for prune-channels)"
+"$EXPORT_PY" "$HERE/export_prune.py"
+
 echo "== train_default.py (embedded default model, a few minutes on CPU)"
 "$EXPORT_PY" "$HERE/train_default.py"
 

@@ -29,9 +29,12 @@ from onnxopt.passes import REGISTRY as REWRITE_PASSES
 from onnxopt.quant import int8
 from onnxopt.quant.int8 import Int8Options
 from onnxopt.report import LatencyComparison, Report
+from onnxopt.sparsity import prune as sparsity_flow
+from onnxopt.sparsity import sensitivity as sensitivity_mod
+from onnxopt.sparsity.options import CHANNELS, SparsityOptions
 from onnxopt.transfer import TransferOptions, TransferPass
 
-__all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds"]
+__all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds", "sensitivity"]
 
 Progress = Callable[[str], None]
 
@@ -56,6 +59,9 @@ class OptimizeOptions:
     # A rewrite that runs measurably slower than the original (LatencyComparison.is_slower) is
     # not kept, the original is written instead, unless this is set.
     allow_slower: bool = False
+    # Weight pruning after the exact passes, before int8 (onnxopt.sparsity): int8 then sees the
+    # pruned model.
+    sparsity: SparsityOptions | None = None
     int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.quant.int8)
     transfer_from: str | None = None  # --transfer-from SRC: its weights first (_transfer_first)
 
@@ -69,13 +75,16 @@ def _load(src: str | os.PathLike | ir.Model | onnx.ModelProto) -> tuple[ir.Model
 
 
 def load_feeds(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> list[inputs.Feeds]:
-    """--inputs; else, with --int8 --calib DATA, the last batches of DATA (real inputs of the
-    real shapes, for verification and for timing); else inputs generated from declared shapes."""
+    """--inputs; else, with --calib DATA (int8 or sparsity), the last batches of DATA (real
+    inputs of the real shapes, for verification and for timing); else inputs generated from
+    declared shapes."""
     if options.inputs:
         return inputs.load_npz(options.inputs, model)
-    calib = options.int8.calib if options.int8 is not None else None
+    stage = options.int8 or options.sparsity
+    calib = stage.calib if stage is not None else None
     if calib is not None and str(calib) != sources.RANDOM:
-        data = int8.calibration_data(model, options.int8)
+        data = sources.calibration_data(calib, model, preprocess=stage.preprocess,
+                                        samples=stage.calib_samples, shapes=stage.shapes)
         feeds = data.batches(max(0, len(data) - options.batches))[:]
         notes.append(f"verification and timing inputs: the last {len(feeds)} batches of --calib "
                      "(pass --inputs for others)")
@@ -152,6 +161,11 @@ def optimize(
     verification = checked or verification
     runs = transferred + runs
     clock.lap("passes + verify")
+    sparsity_summary = None
+    if options.sparsity is not None:
+        model, verification, sparsity_summary = _sparsity(model, verification, runs, options,
+                                                          feeds, notes, say)
+        clock.lap("sparsity")
     int8_summary = None
     if options.int8 is not None:
         model, verification, int8_summary = _int8(model, verification, runs, options, feeds,
@@ -159,11 +173,12 @@ def optimize(
         clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
-                    int8=int8_summary)
+                    int8=int8_summary, sparsity=sparsity_summary)
     if options.bench:
         say("timing original vs optimized")
         model = _keep_if_not_slower(report, original, model, feeds, options)
         clock.lap("bench")
+    _sparsity_verdict(report)
     if dst is not None:
         say("saving")
         io.save(model, dst, source=path, is_external=had_external_data)
@@ -242,6 +257,38 @@ def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say
     return result.model, verification, summary
 
 
+def _sparsity(model, verification, runs, options: OptimizeOptions, feeds, notes, say):
+    """Run --sparsity on the exactly rewritten model: (model, verification, report summary)."""
+    if not feeds and options.sparsity.calib is None:
+        feeds = load_feeds(model, options, notes)  # magnitude pruning judges its budget on these
+    result = sparsity_flow.sparsify(model, options.sparsity, notes, feeds=feeds, progress=say)
+    if result.is_pruned:  # else the dense model stands, with its exact verification
+        verification = result.verification
+    name = "prune-channels" if options.sparsity.pattern == CHANNELS else "prune-weights"
+    runs.append(pipeline.PassRun(name, modified=result.is_pruned, reverted=not result.is_pruned,
+                                 reason=result.verification.reason, log=result.log,
+                                 counts=result.counts))
+    return result.model, verification, result.summary
+
+
+def _sparsity_verdict(report: Report) -> None:
+    """Channel pruning is `faster` only when measured so (the whole 95% interval below 1);
+    unstructured and N:M zeros are `smaller only` whatever the timing says."""
+    summary = report.sparsity
+    if not summary or summary.get("verdict") or summary.get("pattern") != CHANNELS:
+        return
+    cpu = next((row for row in report.latency if row.ep == "cpu"), None)
+    if cpu is None:
+        summary["verdict"], summary["note"] = "not timed", "latency was not measured (--bench)"
+    elif cpu.ratio_high < 1.0:
+        summary["verdict"] = "faster"
+        summary["note"] = f"CPU latency {cpu.ratio:.2f}x the original, 95% CI " \
+                          f"{cpu.ratio_low:.2f}-{cpu.ratio_high:.2f}"
+    else:
+        summary["verdict"] = "smaller only"
+        summary["note"] = f"CPU latency {cpu.ratio:.2f}x, not measurably faster"
+
+
 def _keep_if_not_slower(report: Report, original: ir.Model, model: ir.Model, feeds,
                         options: OptimizeOptions) -> ir.Model:
     """Time both; a rewrite measurably slower on any provider gives way to the original."""
@@ -270,6 +317,36 @@ def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
         ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
         rows.append(LatencyComparison(ep, before, after, ratio, low, high))
     return rows
+
+
+def sensitivity(
+    path: str | os.PathLike,
+    calib: str,
+    *,
+    pattern: str = "unstructured",
+    levels: Sequence[float] = sensitivity_mod.LEVELS,
+    skip: Sequence[str] = (),
+    batches: int = 4,
+    calib_samples: int | None = None,
+    preprocess: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[sensitivity_mod.LayerSensitivity]:
+    """Per prunable layer, the model's worst output (cosine, SQNR) with that layer alone pruned
+    at each level, on the first `batches` batches of `calib`. The exact pipeline runs first, so
+    the layers are the ones `optimize --sparsity` prunes (BatchNormalization folded in)."""
+    if pattern == CHANNELS:
+        raise BadInputError("sensitivity --pattern channels: not measured per layer yet; use "
+                            "unstructured or N:M (channel groups span several layers)")
+    if batches < 1:
+        raise BadInputError(f"--batches {batches}: expected at least 1")
+    model = io.load(path)
+    _upgrade_ir(model, [])
+    model, _, _ = pipeline.run_pipeline(model, _build_passes(OptimizeOptions()), checker=None)
+    data = sources.calibration_data(calib, model, preprocess=preprocess, samples=calib_samples,
+                                    shapes=shapes)
+    return sensitivity_mod.sensitivity(model, data.batches(0, batches)[:], pattern=pattern,
+                                       levels=levels, skip=skip, progress=progress)
 
 
 def inspect(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None = None):

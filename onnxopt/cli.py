@@ -4,6 +4,7 @@ together with report.py. Exit codes: 0 ok; 1 a check failed; 2 bad input or usag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +23,8 @@ from onnxopt.measure import bench_models, verify
 from onnxopt.measure import validation as validate_mod
 from onnxopt.passes import DEFAULT_PIPELINE, describe_passes
 from onnxopt.quant import int8
+from onnxopt.sparsity.options import SparsityOptions
+from onnxopt.sparsity.sensitivity import LEVELS as sensitivity_levels
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="onnxopt: verified ONNX model rewriting, validation and benchmarking.")
@@ -101,7 +104,8 @@ def optimize(
     preprocess: Annotated[Optional[str], typer.Option(
         help="For image folders: size=224,mean=0.485/0.456/0.406,std=...,layout=NCHW")] = None,
     max_error: Annotated[str, typer.Option(
-        help="int8 budget per output: cosine>=0.99, sqnr>=30, or none.")] = "cosine>=0.99",
+        help="--int8 / --sparsity budget per output: cosine>=0.99, sqnr>=30, or none.")
+    ] = "cosine>=0.99",
     quant_mode: Annotated[str, typer.Option(
         help="auto (static with --calib, else dynamic), static or dynamic.")] = "auto",
     target: Annotated[str, typer.Option(
@@ -124,6 +128,23 @@ def optimize(
         help="int8: node names to keep float, comma-separated regular expressions.")] = None,
     transfer_from: Annotated[Optional[str], typer.Option(
         help="First copy the trained weights of this model in (see `onnxopt transfer`).")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(
+        help="Prune: share of weights zero (unstructured), or of MACs removed (channels).")
+    ] = None,
+    sparsity_pattern: Annotated[Optional[str], typer.Option(
+        help="unstructured (default), N:M such as 2:4, or channels (physically removed).")
+    ] = None,
+    sparsity_scope: Annotated[str, typer.Option(
+        help="Unstructured: the same share per layer, or one global threshold.")] = "layer",
+    sparsity_skip: Annotated[Optional[str], typer.Option(
+        help="Node names to keep dense, comma-separated regular expressions.")] = None,
+    sparsity_keep_ends: Annotated[bool, typer.Option(
+        help="Keep the first and last layers dense.")] = True,
+    reconstruct: Annotated[Optional[bool], typer.Option(
+        "--reconstruct/--no-reconstruct",
+        help="Re-fit pruned layers from --calib (default: on with --calib).")] = None,
+    importance: Annotated[str, typer.Option(
+        help="Channels: rank by weight norm (l2, l1) or calibrated activations.")] = "l2",
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""
@@ -136,11 +157,19 @@ def optimize(
                                         bias_correction=bias_correction, equalize=equalize,
                                         keep_float=keep_float, smooth=smooth,
                                         split_outliers=split_outliers)
+    sparsity_options = None
+    if sparsity is not None or sparsity_pattern is not None:
+        sparsity_options = SparsityOptions(
+            sparsity, sparsity_pattern or "unstructured", sparsity_scope,
+            _split(sparsity_skip), sparsity_keep_ends, calib, calib_samples, preprocess,
+            _shapes(shape), int8.parse_budget(max_error), reconstruct, importance)
+        sparsity_options.check()
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,
         tolerance=verify.Tolerance(rtol, atol), bench=_split(bench), bench_seconds=bench_seconds,
         allow_slower=allow_slower, int8=int8_options, transfer_from=transfer_from,
+        sparsity=sparsity_options,
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)
@@ -155,12 +184,16 @@ def demo_command(
     plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     int8_flag: Annotated[bool, typer.Option(
         "--int8", help="Also quantize to int8, calibrated on the bundled digits.")] = False,
+    sparsity_flag: Annotated[bool, typer.Option(
+        "--sparsity", help="Also prune 25% of the MACs as whole channels, re-fitted on the "
+                           "bundled digits.")] = False,
     quiet: QuietOpt = False,
 ):
     """The main job on the embedded default model: optimize, validate, benchmark, report."""
     options = api.OptimizeOptions(bench=_split(bench))
     with _progress(quiet) as progress:
-        _, result = demo.run_demo(output, options, progress=progress, int8=int8_flag)
+        _, result = demo.run_demo(output, options, progress=progress, int8=int8_flag,
+                                  sparsity=sparsity_flag)
     _finish(result, report_path, plot, all_ops=False)
 
 
@@ -177,6 +210,45 @@ def _finish(result: report.Report, report_path: str | None, plot: str | None,
     # that is the best model found, not a failed check.
     if result.verification is not None and result.verification.status == "failed":
         raise typer.Exit(1)
+
+
+@app.command("sensitivity")
+def sensitivity_command(
+    model: Annotated[str, typer.Argument(help="The .onnx model (the exact pipeline runs first).")],
+    calib: Annotated[str, typer.Option(
+        help="Calibration data: .npz, folder of .npy/.npz/images, or 'random'.")],
+    pattern: Annotated[str, typer.Option(help="unstructured or N:M (e.g. 2:4).")] = "unstructured",
+    levels: Annotated[str, typer.Option(help="Sparsity levels, comma-separated.")] = ",".join(
+        f"{level:g}" for level in sensitivity_levels),
+    skip: Annotated[Optional[str], typer.Option(
+        help="Node names to leave out, comma-separated regular expressions.")] = None,
+    batches: Annotated[int, typer.Option(help="Calibration batches per trial.")] = 4,
+    calib_samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
+    preprocess: Annotated[Optional[str], typer.Option(help="For image folders (see optimize).")] = None,
+    shape: ShapeOpt = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON.")] = None,
+    quiet: QuietOpt = False,
+):
+    """Per layer: the model's output error with that layer alone pruned at each sparsity."""
+    try:
+        chosen = tuple(float(v) for v in _split(levels))
+    except ValueError:
+        raise BadInputError(f"--levels {levels!r}: expected numbers such as 0.1,0.5,0.9") from None
+    if not chosen or any(not 0.0 < v < 1.0 for v in chosen):
+        raise BadInputError(f"--levels {levels!r}: expected shares between 0 and 1")
+    with _progress(quiet) as progress:
+        def tick(done: int, total: int) -> None:
+            if progress is not None:
+                progress(f"layer {done} of {total}")
+
+        rows = api.sensitivity(model, calib, pattern=pattern, levels=chosen, skip=_split(skip),
+                               batches=batches, calib_samples=calib_samples,
+                               preprocess=preprocess, shapes=_shapes(shape), progress=tick)
+    report.render_sensitivity(rows, model, pattern, stdout)
+    if json_path:
+        report.write_dict_json({"schema": "onnxopt.sensitivity/1", "model": model,
+                                "pattern": pattern,
+                                "layers": [dataclasses.asdict(r) for r in rows]}, json_path)
 
 
 @app.command("bench")

@@ -18,7 +18,7 @@ from onnxopt.measure.verify import Verification
 from onnxopt.pipeline import PassRun
 
 __all__ = ["Report", "LatencyComparison", "render", "write_json", "write_dict_json", "render_stats",
-           "render_bench"]
+           "render_bench", "render_sensitivity"]
 
 
 @dataclasses.dataclass
@@ -50,6 +50,7 @@ class Report:
     # Task metrics, original then optimized: {"digits top-1 (256 samples)": [0.98, 0.98]}.
     metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     int8: dict | None = None  # calibration, budget and ORT kernel counts when --int8 ran
+    sparsity: dict | None = None  # per-layer zeros, MACs, sizes and verdict when --sparsity ran
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -138,15 +139,62 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
         for name, sqnr in sorted(layers.items(), key=lambda kv: kv[1])[:5]:
             table.add_row(f"SQNR {escape(name)}", "", f"{sqnr:.1f} dB",
                           "worst layers; all in --report")
+    if report.sparsity is not None:
+        _sparsity_rows(table, report.sparsity)
     _latency_rows(table, report.latency)
     table.add_row("[bold]time", "", "", "")
     for step, seconds in report.seconds.items():
         table.add_row(step, "", f"{seconds:.2f} s", "")
     console.print(table)
+    if report.sparsity and report.sparsity.get("layers"):
+        console.print(_sparsity_layers(report.sparsity["layers"]))
     for run in report.passes:
         console.print(_pass_line(run))
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def _sparsity_rows(table: Table, summary: dict) -> None:
+    table.add_row("[bold]sparsity", "", "", "")
+    target = summary.get("target")
+    what = "of MACs removed" if summary.get("pattern") == "channels" else "of weights zero"
+    table.add_row("pattern / target", "", escape(f"{summary.get('pattern')}, {target:.0%} {what}"
+                                                if target is not None else "-"), "")
+    if "sparsity" not in summary:  # nothing was kept: the budget line says why
+        table.add_row("accuracy budget", "", f"[red]{escape(summary.get('budget', ''))}[/red]", "")
+        return
+    table.add_row("method", "", escape(summary["method"]), "")
+    colour = "green" if summary["budget"] == "held" else "red"
+    table.add_row("accuracy budget", "", f"[{colour}]{escape(summary['budget'])}[/{colour}]", "")
+    table.add_row("pruned layers", "", f"{summary['layers_pruned']} of {len(summary['layers'])}",
+                  f"{summary['sparsity']:.1%} of their weights zero")
+    raw, packed = summary["weights_raw_bytes"], summary["weights_zip_bytes"]
+    table.add_row("weights, raw", _size(raw[0]), _size(raw[1]), _change(raw[0], raw[1]))
+    table.add_row("weights, zip", _size(packed[0]), _size(packed[1]), _change(packed[0], packed[1]))
+    if summary.get("macs_dense"):
+        dense, removed = summary["macs_dense"], summary["macs_removed"]
+        table.add_row("MACs (effective)", _macs(dense), _macs(int(dense * (1 - removed))),
+                      _change(dense, dense * (1 - removed), fmt=lambda v: _macs(int(v))))
+    verdict = summary.get("verdict") or "-"
+    colour = "green" if verdict == "faster" else "yellow"
+    table.add_row("verdict", "", f"[{colour}]{escape(verdict)}[/{colour}]",
+                  escape(summary.get("note", "")))
+
+
+def _sparsity_layers(layers: list[dict], limit: int = 20) -> Table:
+    """Per layer: weights, nonzero, sparsity, MACs dense and effective (most pruned first)."""
+    table = Table(title="sparsity per layer" + (f" (the {limit} most pruned of {len(layers)}; "
+                                                "all in --report)" if len(layers) > limit else ""))
+    for column in ("layer", "op", "weights", "nonzero", "sparsity", "MACs", "effective",
+                   "re-fitted"):
+        table.add_column(column, justify="left" if column in ("layer", "op") else "right")
+    for row in sorted(layers, key=lambda r: -r["sparsity"])[:limit]:
+        table.add_row(escape(row["node"]), row["op_type"], _count(row["weights"]),
+                      _count(row["nonzero"]), f"{row['sparsity']:.1%}",
+                      _macs(row["macs"]) if row["macs"] is not None else "-",
+                      _macs(row["effective_macs"]) if row["effective_macs"] is not None else "-",
+                      "yes" if row["reconstructed"] else "")
+    return table
 
 
 def _ops_rows(table: Table, a: ModelStats, b: ModelStats, all_ops: bool) -> None:
@@ -205,6 +253,31 @@ def _pass_line(run: PassRun) -> str:
         more = f" and {len(refused) - 1} more in the JSON report" if len(refused) > 1 else ""
         text += f"; {len(refused)} refused ({escape(refused[0])}{more})"
     return text
+
+
+def render_sensitivity(rows: list, path: str, pattern: str, console: Console) -> None:
+    """`onnxopt sensitivity`: one row per layer, the worst output's SQNR per sparsity level."""
+    levels = sorted({level for row in rows for level in row.sqnr_db})
+    table = Table(title=escape(f"onnxopt sensitivity: {path} ({pattern}; worst output SQNR in "
+                               "dB vs dense, that layer alone pruned)"))
+    for column in ("layer", "op", "weights", *(f"{level:.0%}" for level in levels)):
+        table.add_column(column, justify="left" if column in ("layer", "op") else "right")
+    for row in rows:
+        cells = []
+        for level in levels:
+            sqnr, cosine = row.sqnr_db.get(level), row.cosine.get(level)
+            if sqnr is None:
+                cells.append("-")
+                continue
+            colour = "green" if cosine >= 0.999 else "yellow" if cosine >= 0.99 else "red"
+            text = "exact" if math.isinf(sqnr) else f"{sqnr:.1f}"
+            cells.append(f"[{colour}]{text}[/{colour}]")
+        table.add_row(escape(row.node), row.op_type, _count(row.weights), *cells)
+    console.print(table)
+    console.print("green: cosine >= 0.999, yellow: >= 0.99, red: below (the default budget)")
+    for row in rows:
+        if row.note:
+            console.print(f"[yellow]note:[/yellow] {escape(row.node)}: {escape(row.note)}")
 
 
 def render_stats(stats: ModelStats, path: str, console: Console) -> None:

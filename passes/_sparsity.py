@@ -95,7 +95,7 @@ def prunable_layers(model: ir.Model, skip: Sequence[str] = (), *, keep_first_las
             refused.append(f"kept {describe(layer.node)} dense: matches --sparsity-skip")
         elif layer.node in edges:
             refused.append(f"kept {describe(layer.node)} dense: first or last layer "
-                           "(--sparsity-keep-ends off prunes it)")
+                           "(--no-sparsity-keep-ends prunes it)")
         else:
             kept.append(layer)
     return kept, refused

@@ -50,6 +50,7 @@ __all__ = [
     "CalibrationData",
     "Preprocess",
     "calibration_data",
+    "held_out_split",
     "parse_preprocess",
 ]
 
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 RANDOM = "random"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 _RANDOM_BATCHES = 8  # `--calib random` without --calib-samples: enough to exercise the path
+_HELD_OUT = 0.2  # share of the batches that judge an accuracy budget instead of calibrating
+_MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +156,18 @@ def calibration_data(
     return CalibrationData(
         str(path), False, batch_count, rows, tuple(notes), lambda: _read(plan, specs)
     )
+
+
+def held_out_split(data: CalibrationData, notes: list[str]) -> tuple[Batches, list[Feeds]]:
+    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge an
+    accuracy budget and stay in memory (every trial runs them); the rest is streamed."""
+    count = len(data)
+    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
+    calib_batches = data.batches(0, count - held)
+    if not held:
+        notes.append("one calibration batch: the accuracy budget is judged on the same batch")
+        return calib_batches, calib_batches[:]
+    return calib_batches, data.batches(count - held)[:]
 
 
 def _random(model, specs, samples, shapes, seed) -> CalibrationData:

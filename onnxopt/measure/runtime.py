@@ -173,8 +173,9 @@ def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
 
 
 def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
-    """Run once; outputs by name. Feeds for inputs the session does not take are dropped."""
-    names = {i.name for i in session.get_inputs()}
+    """Run once; outputs by name. Feeds for inputs the session does not take are dropped; an
+    overridable initializer (one that is also a graph input) is taken like an input."""
+    names = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
     try:
         values = session.run(None, {k: v for k, v in feeds.items() if k in names})
     except Exception as error:

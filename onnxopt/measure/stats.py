@@ -98,31 +98,40 @@ def _file_bytes(model: ir.Model, path) -> int | None:
 
 
 def _macs(model: ir.Model, shapes) -> tuple[dict[str, int], bool]:
-    """Shape-infer a copy with concrete input shapes, then count per op type."""
+    """MACs per op type, and whether some Conv/Gemm/MatMul shapes were unknown."""
+    per_node = node_macs(model, shapes)
+    if per_node is None:
+        return {}, True
+    macs: Counter[str] = Counter()
+    for op_type, count in per_node.values():
+        if count is not None:
+            macs[op_type] += count
+    return dict(macs), any(count is None for _, count in per_node.values())
+
+
+def node_macs(model: ir.Model, shapes=None) -> dict[str, tuple[str, int | None]] | None:
+    """Node name -> (op type, MACs) of every Conv/ConvTranspose/Gemm/MatMul, from ONNX shape
+    inference on a copy with concrete input shapes (None: a count needs an unknown shape).
+    None when the inputs cannot be resolved or inference fails."""
     copy = model.clone()
     try:
         specs = inputs_mod.input_specs(copy)
         feeds = inputs_mod.generate(copy, shapes=shapes, warnings=[])[0]
     except Exception:  # non-tensor inputs: no estimate rather than no report
-        return {}, True
+        return None
     for spec in specs:
         value = next(v for v in copy.graph.inputs if v.name == spec.name)
         value.shape = ir.Shape(feeds[spec.name].shape)
     try:
         copy = common.ShapeInferencePass(strict_mode=False)(copy).model
     except Exception:
-        return {}, True
-    macs: Counter[str] = Counter()
-    is_partial = False
-    for node in copy.graph.all_nodes():
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
-        count = _node_macs(node)
-        if count is None:
-            is_partial = True
-        else:
-            macs[node.op_type] += count
-    return dict(macs), is_partial
+        return None
+    found = {}
+    for index, node in enumerate(copy.graph.all_nodes()):
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            found[node.name or f"<unnamed {node.op_type} #{index}>"] = (node.op_type,
+                                                                        _node_macs(node))
+    return found
 
 
 def _static(value: ir.Value | None) -> tuple[int, ...] | None:

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes import _qdq
-from onnxopt.passes._graph import NameSource, constant, new_initializer
-from onnxopt.passes._qdq import WeightOptions
 
 from onnxopt.calib import activations
 from onnxopt.inputs import Feeds
+from onnxopt.passes import _qdq
+from onnxopt.passes._graph import NameSource, constant, new_initializer
+from onnxopt.passes._qdq import WeightOptions
 
 __all__ = ["corrected", "output_shifts"]
 

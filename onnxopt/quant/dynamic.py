@@ -13,10 +13,10 @@ import dataclasses
 from collections.abc import Callable
 
 import onnx_ir as ir
-from onnxopt.passes import QuantizeDynamicOptions, QuantizeDynamicPass, _qdq, quantize_int8
 
 from onnxopt.errors import BadInputError
 from onnxopt.measure import verify
+from onnxopt.passes import QuantizeDynamicOptions, QuantizeDynamicPass, _qdq, quantize_int8
 from onnxopt.quant import smoothing
 from onnxopt.quant.budget import Budget, Outcome, fall_back, quantized_layers, slower
 from onnxopt.quant.options import Int8Options, Int8Result, keep_float_names, kept_float

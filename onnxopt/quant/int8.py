@@ -22,6 +22,10 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxopt.calib import activations
+from onnxopt.errors import BadInputError
+from onnxopt.measure import verify
 from onnxopt.passes import (
     EqualizeCrossLayerPass,
     QuantizeDynamicOptions,
@@ -29,10 +33,6 @@ from onnxopt.passes import (
     _qdq,
     quantize_int8,
 )
-
-from onnxopt.calib import activations
-from onnxopt.errors import BadInputError
-from onnxopt.measure import verify
 from onnxopt.quant import bias_correction
 from onnxopt.quant.budget import (
     Budget,

@@ -6,24 +6,19 @@ part and a held-out part that judges the budget (`split_data`).
 
 from __future__ import annotations
 
-import math
-
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes import FuseActivationsPass
-from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
-from onnxopt.passes._graph import constant
-from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 
 from onnxopt import pipeline
 from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
+from onnxopt.passes import FuseActivationsPass
+from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
+from onnxopt.passes._graph import constant
+from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 from onnxopt.quant.options import Int8Options
 
 __all__ = ["at_int8_opset", "calibration_data", "check_quantizable", "named", "split_data"]
-
-_HELD_OUT = 0.2
-_MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
 
 
 def check_quantizable(model: ir.Model, source: str) -> None:
@@ -65,17 +60,10 @@ def calibration_data(model: ir.Model, options: Int8Options) -> sources.Calibrati
 
 
 def split_data(model: ir.Model, options: Int8Options, notes: list[str]):
-    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge the
-    budget and stay in memory (every trial runs them); the rest is streamed from the source."""
+    """(calibration batches, held-out batches): see onnxopt.calib.sources.held_out_split."""
     data = calibration_data(model, options)
     notes.extend(data.notes)
-    count = len(data)
-    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
-    calib_batches = data.batches(0, count - held)
-    if not held:
-        notes.append("one calibration batch: the accuracy budget is judged on the same batch")
-        return calib_batches, calib_batches[:]
-    return calib_batches, data.batches(count - held)[:]
+    return sources.held_out_split(data, notes)
 
 
 def at_int8_opset(model: ir.Model, notes: list[str]) -> ir.Model:

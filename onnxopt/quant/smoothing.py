@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes import _matmul_inputs, split_outliers
-from onnxopt.passes import smooth_activations as smooth
 
 from onnxopt.calib import activations
 from onnxopt.inputs import Feeds
+from onnxopt.passes import _matmul_inputs, split_outliers
+from onnxopt.passes import smooth_activations as smooth
 
 __all__ = ["ALPHA", "channel_absmax", "input_ranges", "smoothed", "split"]
 

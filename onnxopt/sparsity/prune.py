@@ -1,0 +1,149 @@
+"""`--sparsity`: prune the weights, re-fit them from calibration data, hold the accuracy budget.
+
+    result = sparsify(model, SparsityOptions(0.5, calib="calib.npz"), notes, feeds=..., ...)
+
+Unstructured and N:M: the prune-weights pass zeroes the smallest weights (magnitude); with
+calibration data each pruned layer is also re-fitted (SparseGPT: OBS row updates from the
+layer's input Hessian XᵀX, layers in order so each sees the already-pruned model's inputs;
+`refit`), and of the two the one closer to the dense model on the held-out batches is kept.
+Channels: the prune-channels pass removes whole channels, then the layers that read them are
+re-fitted by least squares (`channels`).
+Then the budget (`--max-error`, cosine >= 0.99 by default, as int8): when the pruned model
+misses it, the layers whose pruning costs the most (each measured alone) go back to dense, the
+fewest that hold it (onnxopt.measure.budget.fall_back); the report says how far the target was
+met. When nothing holds, the dense model stays and the report says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from onnxopt.calib import sources
+from onnxopt.errors import BadInputError
+from onnxopt.inputs import Feeds
+from onnxopt.measure import budget, verify
+from onnxopt.passes import PruneWeightsOptions, PruneWeightsPass, _sparsity
+from onnxopt.sparsity import channels, refit, summary
+from onnxopt.sparsity.options import CHANNELS, Candidate, SparsityOptions, SparsityResult
+
+__all__ = ["calibration_split", "sparsify"]
+
+Progress = Callable[[str], None]
+
+
+def sparsify(model: ir.Model, options: SparsityOptions, notes: list[str], *,
+             feeds: Sequence[Feeds] | None, progress: Progress) -> SparsityResult:
+    """The pruned model that holds the budget (or the dense one, with the reason)."""
+    options.check()
+    calib_batches, held = calibration_split(model, options, notes, feeds)
+    if options.pattern == CHANNELS:
+        return channels.prune_channels(model, options, notes, calib_batches, held, progress)
+    layers, refused = _sparsity.prunable_layers(model, options.skip,
+                                                keep_first_last=options.keep_first_last)
+    if not layers:
+        why = refused[0] if refused else "no Conv, ConvTranspose, Gemm or MatMul with a " \
+                                         "constant float weight"
+        raise BadInputError(f"--sparsity: nothing to prune ({why})")
+    progress("running the dense model on the held-out batches")
+    reference = verify.reference_outputs(model, held)
+    candidates = [_magnitude(model, options)]
+    if options.reconstruct is not False and calib_batches is not None:
+        progress("re-fitting the pruned layers (SparseGPT)")
+        candidates.append(refit.reconstructed(model, options, calib_batches, progress))
+    elif calib_batches is None:
+        notes.append("sparsity: magnitude only; --calib DATA would re-fit the pruned layers "
+                     "from their inputs (SparseGPT) and judge the budget on real data")
+    trials = [_Trial(c, model, reference, held, options.budget) for c in candidates]
+    outcomes = [t.run(()) for t in trials]
+    for trial, outcome in zip(trials, outcomes):
+        trial.candidate.score = outcome.score
+    best = max(range(len(trials)), key=lambda i: (outcomes[i].holds, outcomes[i].score))
+    if len(trials) > 1:
+        notes.append("sparsity: worst-output SQNR vs dense " + ", ".join(
+            f"{t.candidate.method} {o.score:.1f} dB" for t, o in zip(trials, outcomes))
+            + f"; kept {trials[best].candidate.method}")
+    trial, outcome = trials[best], outcomes[best]
+    if not outcome.holds:
+        progress("holding the accuracy budget")
+        outcome = budget.fall_back(trial, outcome, trial.candidate.pruned, notes, exact="dense",
+                                   lossy="pruned", verb="pruned")
+    return _result(model, trial.candidate, outcome, options, refused)
+
+
+def calibration_split(model: ir.Model, options: SparsityOptions, notes: list[str],
+                      feeds: Sequence[Feeds] | None):
+    """(calibration batches or None, held-out batches that judge the budget)."""
+    if not options.calib:
+        if not feeds:
+            raise BadInputError("--sparsity: no inputs to judge the accuracy on; give --calib "
+                                "DATA or --inputs")
+        return None, list(feeds)
+    data = sources.calibration_data(options.calib, model, preprocess=options.preprocess,
+                                    samples=options.calib_samples, shapes=options.shapes)
+    notes.extend(data.notes)
+    if data.is_random:
+        notes.append("sparsity: --calib random re-fits the layers to noise; give real data")
+    return sources.held_out_split(data, notes)
+
+
+def _magnitude(model: ir.Model, options: SparsityOptions) -> Candidate:
+    copy = model.clone()
+    report = PruneWeightsPass(PruneWeightsOptions(
+        options.target, options.pattern, options.scope, options.skip,
+        options.keep_first_last))(copy)
+    pruned = [s.node for s in report.layers if s.zeros]
+    return Candidate(copy, "magnitude", pruned, list(report.log))
+
+
+@dataclasses.dataclass
+class _Trial:
+    """The candidate with some pruned layers given their dense weights back, judged."""
+
+    candidate: Candidate
+    dense: ir.Model
+    reference: list
+    feeds: list
+    budget: budget.Budget
+
+    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> budget.Outcome:
+        model = _with_dense_layers(self.candidate.model, self.dense, exclude)
+        checked, holds, why = self.budget.judge(model, self.reference[:batches],
+                                                self.feeds[:batches])
+        return budget.Outcome(model, None, checked, holds, why, exclude)
+
+
+def _with_dense_layers(pruned: ir.Model, dense: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of `pruned` (sharing its tensors) whose layers `names` read their dense weights."""
+    copy = pruned.clone()
+    if not names:
+        return copy
+    dense_weights = {n.name: n.inputs[1].const_value for n in dense.graph if n.name in names}
+    for node in copy.graph:
+        if node.name in dense_weights:
+            node.inputs[1].const_value = dense_weights[node.name]
+    return copy
+
+
+def _result(dense: ir.Model, candidate: Candidate, outcome: budget.Outcome,
+            options: SparsityOptions, refused: list[str]) -> SparsityResult:
+    kept_dense = set(outcome.excluded)
+    pruned = [n for n in candidate.pruned if n not in kept_dense]
+    log = [*refused, *candidate.log,
+           *(f"kept {n!r} dense: the accuracy budget" for n in outcome.excluded)]
+    if not outcome.holds or not pruned:
+        why = outcome.why or "no layer could be pruned within the accuracy budget"
+        checked = dataclasses.replace(outcome.verification, status="skipped",
+                                      reason=f"dense model kept: {why}")
+        return SparsityResult(dense, False, checked, log, {}, [], "",
+                              {"budget": why, "pattern": options.pattern,
+                               "target": options.target})
+    layers = summary.layer_rows(dense, outcome.model, options.shapes,
+                                candidate.reconstructed - kept_dense)
+    counts = {"pruned": len(pruned), "kept dense": len(kept_dense)}
+    info = summary.summarize(dense, outcome.model, layers, options, candidate.method,
+                             outcome.why or "held")
+    return SparsityResult(outcome.model, True, outcome.verification, log, counts, layers,
+                          candidate.method, info)

@@ -1,0 +1,118 @@
+"""Solvers that re-fit a pruned layer from its input statistics, with no training.
+
+A layer computes Y = X Wᵀ (W: rows × K). With H = XᵀX, a change ΔW costs the layer's output
+    ‖X ΔWᵀ‖² = tr(ΔW H ΔWᵀ)                                          (layer_error)
+
+SparseGPT (Frantar & Alistarh 2023), Optimal Brain Surgeon one column at a time: with
+U = chol(H⁻¹)ᵀ (upper), zeroing w_j costs w_j² / U_jj², and the error it leaves is spread over
+the columns still to come in its row,
+    W[:, j:] −= ((W[:, j] − Q[:, j]) / U_jj) · U[j, j:]
+Columns are taken in blocks of `block`; within a block the mask is chosen by w² / U_jj²
+(unstructured: the block's share of the layer's zeros, so the layer total is exact; N:M: the
+M − N smallest of every M consecutive columns of a row, as the block reaches them), and the
+block's error updates the columns after it at once (lazy batch updates). H gets
+λ = damp · mean(diag H) on its diagonal; a dead input (H_jj = 0) gets H_jj = 1 and zero weights.
+
+Least squares for channel pruning: the layer reads X' (fewer channels, from the pruned model)
+and should give what the dense layer gives on X. With H = X'ᵀX' and C = X'ᵀX,
+    W' = argmin ‖X' W'ᵀ − X Wᵀ‖² + λ‖W'‖² = ((H + λI)⁻¹ C Wᵀ)ᵀ            (refit)
+Everything in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["layer_error", "prune_with_hessian", "refit"]
+
+
+def layer_error(hessian: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> float:
+    """tr((W_ref − W) H (W_ref − W)ᵀ): the squared output error per input row."""
+    delta = np.asarray(reference, np.float64) - np.asarray(weight, np.float64)
+    return float(np.sum((delta @ hessian) * delta))
+
+
+def prune_with_hessian(weight: np.ndarray, hessian: np.ndarray, *, sparsity: float | None = None,
+                       n: int = 0, m: int = 0, mask: np.ndarray | None = None,
+                       block: int = 128, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """SparseGPT on a [rows, K] weight: (new weight, keep mask). Exactly one of `sparsity`
+    (round(s · size) zeros), `n`/`m` (at most n nonzeros in every m consecutive columns of a
+    row; K % m == 0) or `mask` (True = kept) says what is pruned."""
+    w = np.array(weight, dtype=np.float64)
+    rows, k = w.shape
+    if m and k % m:
+        raise ValueError(f"N:M pruning needs K divisible by M: K={k}, M={m}")
+    if m:
+        block = max(m, block - block % m)  # an N:M run never straddles two blocks
+    u, dead = _inverse_cholesky(hessian, damp)
+    w[:, dead] = 0.0
+    keep = np.ones_like(w, dtype=bool)
+    zeros = int(round(sparsity * w.size)) if sparsity is not None else 0
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        u_block = u[start:stop, start:stop]
+        scale = np.square(np.diag(u_block))
+        if mask is not None:
+            pruned = ~np.asarray(mask[:, start:stop], dtype=bool)
+        elif not m:
+            share = round(zeros * stop / k) - round(zeros * start / k)  # exact layer total
+            pruned = _smallest(np.square(w[:, start:stop]) / scale, share)
+        else:
+            pruned = None  # chosen run by run below, on the updated weights
+        errors = np.zeros((rows, stop - start))
+        for j in range(stop - start):
+            column = start + j
+            if m and j % m == 0:
+                run = np.square(w[:, column:column + m]) / scale[j:j + m]
+                order = np.argsort(run, axis=1, kind="stable")[:, :m - n]
+                keep[np.arange(rows)[:, None], column + order] = False
+            elif pruned is not None:
+                keep[:, column] = ~pruned[:, j]
+            q = np.where(keep[:, column], w[:, column], 0.0)
+            errors[:, j] = (w[:, column] - q) / u_block[j, j]
+            w[:, column:stop] -= np.outer(errors[:, j], u_block[j, j:])
+            w[:, column] = q
+        w[:, stop:] -= errors @ u[start:stop, stop:]
+    keep[:, dead] = False
+    return np.where(keep, w, 0.0), keep
+
+
+def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
+    """Bool mask of exactly `count` smallest scores (ties cannot change the count)."""
+    chosen = np.zeros(scores.size, dtype=bool)
+    if count > 0:
+        chosen[np.argpartition(scores.ravel(), count - 1)[:count]] = True
+    return chosen.reshape(scores.shape)
+
+
+def _inverse_cholesky(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Upper Cholesky factor of (H + λI)⁻¹, and the dead inputs (H_jj == 0)."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    for attempt in range(4):  # a near-singular H needs more damping before it factors
+        try:
+            lower = np.linalg.cholesky(h)
+            break
+        except np.linalg.LinAlgError:
+            h[np.diag_indices_from(h)] += 10.0 ** attempt * damp * np.mean(np.diag(h))
+    else:
+        raise np.linalg.LinAlgError("input Hessian is not positive definite even damped")
+    inverse_lower = np.linalg.solve(lower, np.eye(len(h)))  # L⁻¹
+    inverse = inverse_lower.T @ inverse_lower  # H⁻¹ = L⁻ᵀ L⁻¹
+    return np.linalg.cholesky(inverse).T, dead
+
+
+def refit(hessian: np.ndarray, cross: np.ndarray, weight: np.ndarray, *,
+          damp: float = 1e-4) -> np.ndarray:
+    """W' [rows, K'] minimizing ‖X' W'ᵀ − X Wᵀ‖² (+ λ‖W'‖², λ = damp · mean(diag H)) from
+    H = X'ᵀX' [K', K'], C = X'ᵀX [K', K] and the dense W [rows, K]."""
+    h = np.array(hessian, dtype=np.float64)
+    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-30)
+    target = np.asarray(cross, np.float64) @ np.asarray(weight, np.float64).T  # [K', rows]
+    try:
+        solved = np.linalg.solve(h, target)
+    except np.linalg.LinAlgError:
+        solved = np.linalg.lstsq(h, target, rcond=None)[0]
+    return solved.T
