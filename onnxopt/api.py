@@ -178,7 +178,6 @@ def optimize(
         say("timing original vs optimized")
         model = _keep_if_not_slower(report, original, model, feeds, options)
         clock.lap("bench")
-    _sparsity_verdict(report)
     if dst is not None:
         say("saving")
         io.save(model, dst, source=path, is_external=had_external_data)
@@ -269,24 +268,6 @@ def _sparsity(model, verification, runs, options: OptimizeOptions, feeds, notes,
                                  reason=result.verification.reason, log=result.log,
                                  counts=result.counts))
     return result.model, verification, result.summary
-
-
-def _sparsity_verdict(report: Report) -> None:
-    """Channel pruning is `faster` only when measured so (the whole 95% interval below 1);
-    unstructured and N:M zeros are `smaller only` whatever the timing says."""
-    summary = report.sparsity
-    if not summary or summary.get("verdict") or summary.get("pattern") != CHANNELS:
-        return
-    cpu = next((row for row in report.latency if row.ep == "cpu"), None)
-    if cpu is None:
-        summary["verdict"], summary["note"] = "not timed", "latency was not measured (--bench)"
-    elif cpu.ratio_high < 1.0:
-        summary["verdict"] = "faster"
-        summary["note"] = f"CPU latency {cpu.ratio:.2f}x the original, 95% CI " \
-                          f"{cpu.ratio_low:.2f}-{cpu.ratio_high:.2f}"
-    else:
-        summary["verdict"] = "smaller only"
-        summary["note"] = f"CPU latency {cpu.ratio:.2f}x, not measurably faster"
 
 
 def _keep_if_not_slower(report: Report, original: ir.Model, model: ir.Model, feeds,

@@ -140,12 +140,16 @@ def test_n_m_needs_k_divisible_by_m_and_a_given_mask_is_kept():
     assert (keep == mask).all() and (new[~mask] == 0).all()
 
 
-def test_a_dead_input_gets_zero_weights():
+def test_dead_inputs_keep_the_count_exact_and_the_weights_finite():
     rng = np.random.default_rng(11)
     x = correlated(rng, k=16)
-    x[:, 3] = 0.0
-    new, _ = reconstruct.prune_with_hessian(rng.standard_normal((5, 16)), x.T @ x, sparsity=0.25)
-    assert (new[:, 3] == 0).all() and np.isfinite(new).all()
+    x[:, 3:11] = 0.0  # 8 dead inputs, more than a block's share of zeros
+    w = rng.standard_normal((5, 16))
+    new, keep = reconstruct.prune_with_hessian(w, x.T @ x, sparsity=0.25, block=8)
+    assert np.count_nonzero(~keep) == 20 and np.isfinite(new).all()
+    mask = rng.random((5, 16)) > 0.5
+    _, kept = reconstruct.prune_with_hessian(w, x.T @ x, mask=mask)
+    assert (kept == mask).all()
 
 
 def test_refit_recovers_dropped_channels_that_the_kept_ones_explain():
@@ -160,3 +164,22 @@ def test_refit_recovers_dropped_channels_that_the_kept_ones_explain():
     new = reconstruct.refit(kept.T @ kept, kept.T @ noisy, w)
     sliced = np.sum((kept @ w[:, :6].T - noisy @ w.T) ** 2)
     assert np.sum((kept @ new.T - noisy @ w.T) ** 2) <= sliced
+
+
+def test_bad_arguments_are_value_errors_and_conv_defaults_are_the_spec_s():
+    h = np.eye(8)
+    w = np.ones((2, 8))
+    for kwargs in ({}, {"sparsity": 1.5}, {"n": 4, "m": 2}, {"sparsity": 0.5, "n": 2, "m": 4}):
+        with pytest.raises(ValueError):
+            reconstruct.prune_with_hessian(w, h, **kwargs)
+    x = np.random.default_rng(13).standard_normal((1, 2, 5, 5))
+    plain = hessian.unfold(x, LayerInput("Conv", (3, 3)))
+    assert plain.shape == (1, 9, 18)  # stride 1, no padding, dilation 1
+
+
+def test_batches_of_samples_share_a_slice_when_they_fit():
+    spec = LayerInput("Conv", (3, 3), pads=(1, 1, 1, 1))
+    x = np.random.default_rng(14).standard_normal((16, 3, 6, 6))
+    slices = list(hessian._slices(x, spec, max_bytes=4 * 36 * 27 * 8))
+    assert len(slices) == 4 and all(s.shape[1] == 4 * 36 for s in slices)
+    np.testing.assert_array_equal(np.concatenate(slices, axis=1), hessian.unfold(x, spec))

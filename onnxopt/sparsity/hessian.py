@@ -28,7 +28,8 @@ MAX_CHUNK_BYTES = 64 << 20  # one unfolded slice in float64; the sums do not dep
 
 @dataclasses.dataclass(frozen=True)
 class LayerInput:
-    """How a layer reads its input (ONNX attribute names)."""
+    """How a layer reads its input (ONNX attribute names; absent Conv attributes take the
+    spec's defaults: strides and dilations 1, pads 0)."""
 
     op_type: str  # Conv, Gemm or MatMul
     kernel_shape: tuple[int, ...] = ()
@@ -38,6 +39,13 @@ class LayerInput:
     group: int = 1
     auto_pad: str = "NOTSET"
     trans_a: bool = False
+
+    def __post_init__(self):
+        rank = len(self.kernel_shape)
+        for name, default in (("strides", (1,) * rank), ("pads", (0,) * 2 * rank),
+                              ("dilations", (1,) * rank)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
 
 
 def layer_input(node: ir.Node) -> LayerInput:
@@ -90,13 +98,15 @@ def _slices(x: np.ndarray, spec: LayerInput, max_bytes: int | None,
     n, channels, out = windows.shape[0], windows.shape[1], windows.shape[2:2 + rank]
     per_group = channels // spec.group
     k = per_group * int(np.prod(spec.kernel_shape))
-    # Slices along the batch, then the first output axis: each is a copy of its rows only.
+    # Slices of whole samples when one fits, else of one sample's first output axis: each is a
+    # copy of its own rows only.
     positions = int(np.prod(out[1:])) if rank > 1 else 1
-    step = _step(width, positions, max_bytes)
-    for b in range(n):
+    samples = _step(width, positions * out[0], max_bytes)
+    step = _step(width, positions, max_bytes) if samples == 1 else out[0]
+    for b in range(0, n, samples):
         for start in range(0, out[0], step):
-            part = windows[b:b + 1, :, start:start + step]  # [1, C, o1', *out', *k]
-            part = np.moveaxis(part, 1, 1 + rank)  # [1, *out, C, *k]
+            part = windows[b:b + samples, :, start:start + step]  # [n', C, o1', *out', *k]
+            part = np.moveaxis(part, 1, 1 + rank)  # [n', *out, C, *k]
             part = part.reshape(-1, spec.group, k).astype(np.float64)
             yield part.transpose(1, 0, 2)
 
@@ -144,7 +154,10 @@ class InputHessian:
             if self.with_bias:
                 part = _with_ones(part)
             product = np.matmul(part.transpose(0, 2, 1), part)
-            self.sum = product if self.sum is None else self.sum + product
+            if self.sum is None:
+                self.sum = product
+            else:
+                self.sum += product
             self.count += part.shape[1]
 
     @property
@@ -178,7 +191,10 @@ class CrossMoment:
             if self.with_bias:
                 part_a, part_b = _with_ones(part_a), _with_ones(part_b)
             product = np.matmul(part_a.transpose(0, 2, 1), part_b)
-            self.sum = product if self.sum is None else self.sum + product
+            if self.sum is None:
+                self.sum = product
+            else:
+                self.sum += product
             self.count += part_a.shape[1]
 
     @property

@@ -104,6 +104,7 @@ class Candidate:
     removed: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # channels: group
     #                                                               key -> channels removed
     macs_removed: float = 0.0  # channels: share of the model's MACs removed
+    target: float = 0.0  # the share of zeros (channels: of MACs) it was made for
 
 
 @dataclasses.dataclass

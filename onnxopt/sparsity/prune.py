@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.calib import sources
@@ -39,6 +40,9 @@ def sparsify(model: ir.Model, options: SparsityOptions, notes: list[str], *,
     """The pruned model that holds the budget (or the dense one, with the reason)."""
     options.check()
     calib_batches, held = calibration_split(model, options, notes, feeds)
+    # MACs (the channel target, the report) need concrete sizes: those of the real inputs.
+    seen = {name: tuple(np.shape(array)) for name, array in held[0].items()}
+    options = dataclasses.replace(options, shapes={**seen, **options.shapes})
     if options.pattern == CHANNELS:
         return channels.prune_channels(model, options, notes, calib_batches, held, progress)
     layers, refused = _sparsity.prunable_layers(model, options.skip,
@@ -49,28 +53,74 @@ def sparsify(model: ir.Model, options: SparsityOptions, notes: list[str], *,
         raise BadInputError(f"--sparsity: nothing to prune ({why})")
     progress("running the dense model on the held-out batches")
     reference = verify.reference_outputs(model, held)
-    candidates = [_magnitude(model, options)]
-    if options.reconstruct is not False and calib_batches is not None:
-        progress("re-fitting the pruned layers (SparseGPT)")
-        candidates.append(refit.reconstructed(model, options, calib_batches, progress))
-    elif calib_batches is None:
+    if calib_batches is None:
         notes.append("sparsity: magnitude only; --calib DATA would re-fit the pruned layers "
                      "from their inputs (SparseGPT) and judge the budget on real data")
-    trials = [_Trial(c, model, reference, held, options.budget) for c in candidates]
-    outcomes = [t.run(()) for t in trials]
-    for trial, outcome in zip(trials, outcomes):
-        trial.candidate.score = outcome.score
-    best = max(range(len(trials)), key=lambda i: (outcomes[i].holds, outcomes[i].score))
-    if len(trials) > 1:
-        notes.append("sparsity: worst-output SQNR vs dense " + ", ".join(
-            f"{t.candidate.method} {o.score:.1f} dB" for t, o in zip(trials, outcomes))
-            + f"; kept {trials[best].candidate.method}")
-    trial, outcome = trials[best], outcomes[best]
+    judge = _Judge(model, reference, held, options.budget, calib_batches, progress)
+    trial, outcome = judge.best(options, notes)
     if not outcome.holds:
         progress("holding the accuracy budget")
         outcome = budget.fall_back(trial, outcome, trial.candidate.pruned, notes, exact="dense",
                                    lossy="pruned", verb="pruned")
+    if not outcome.holds and options.n_m is None:
+        trial, outcome = _lower_target(judge, options, trial, outcome, notes)
     return _result(model, trial.candidate, outcome, options, refused)
+
+
+@dataclasses.dataclass
+class _Judge:
+    """Makes the candidates for a target (magnitude, and re-fitted with calibration data) and
+    judges them on the held-out batches."""
+
+    dense: ir.Model
+    reference: list
+    held: list
+    budget: budget.Budget
+    calib_batches: Sequence[Feeds] | None
+    progress: Progress
+
+    def best(self, options: SparsityOptions, notes: list[str] | None = None):
+        """(trial, outcome) of the candidate closest to dense at `options.target`."""
+        candidates = [_magnitude(self.dense, options)]
+        if options.reconstruct is not False and self.calib_batches is not None:
+            self.progress(f"re-fitting the pruned layers (SparseGPT, {options.target:.0%})")
+            candidates.append(refit.reconstructed(self.dense, options, self.calib_batches,
+                                                  self.progress))
+        trials = [_Trial(c, self.dense, self.reference, self.held, self.budget)
+                  for c in candidates]
+        outcomes = [t.run(()) for t in trials]
+        for trial, outcome in zip(trials, outcomes):
+            trial.candidate.score = outcome.score
+        best = max(range(len(trials)), key=lambda i: (outcomes[i].holds, outcomes[i].score))
+        if notes is not None and len(trials) > 1:
+            notes.append("sparsity: worst-output SQNR vs dense " + ", ".join(
+                f"{t.candidate.method} {o.score:.1f} dB" for t, o in zip(trials, outcomes))
+                + f"; kept {trials[best].candidate.method}")
+        return trials[best], outcomes[best]
+
+
+_BISECTIONS = 3  # the target, halved, then 2 more steps: within 1/8 of it
+
+
+def _lower_target(judge: _Judge, options: SparsityOptions, trial, outcome, notes):
+    """When no set of dense layers holds the budget at the target: the largest lower target
+    (bisected) whose pruned model holds it, or the original (trial, outcome)."""
+    low, high, best = 0.0, options.target, None
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        judge.progress(f"holding the accuracy budget at {middle:.0%} sparsity")
+        tried = judge.best(dataclasses.replace(options, sparsity=middle))
+        if tried[1].holds:
+            low, best = middle, tried
+        else:
+            high = middle
+    if best is None:
+        notes.append(f"sparsity: no target down to {high:.0%} held the accuracy budget "
+                     f"({outcome.why} at {options.target:.0%})")
+        return trial, outcome
+    notes.append(f"sparsity: {options.target:.0%} missed the accuracy budget ({outcome.why}) "
+                 f"even with layers back to dense; kept {low:.0%}, the largest tried that holds")
+    return best
 
 
 def calibration_split(model: ir.Model, options: SparsityOptions, notes: list[str],
@@ -95,7 +145,7 @@ def _magnitude(model: ir.Model, options: SparsityOptions) -> Candidate:
         options.target, options.pattern, options.scope, options.skip,
         options.keep_first_last))(copy)
     pruned = [s.node for s in report.layers if s.zeros]
-    return Candidate(copy, "magnitude", pruned, list(report.log))
+    return Candidate(copy, "magnitude", pruned, list(report.log), target=options.target)
 
 
 @dataclasses.dataclass
@@ -143,7 +193,10 @@ def _result(dense: ir.Model, candidate: Candidate, outcome: budget.Outcome,
     layers = summary.layer_rows(dense, outcome.model, options.shapes,
                                 candidate.reconstructed - kept_dense)
     counts = {"pruned": len(pruned), "kept dense": len(kept_dense)}
-    info = summary.summarize(dense, outcome.model, layers, options, candidate.method,
-                             outcome.why or "held")
+    held = "held"
+    if kept_dense or candidate.target < options.target:
+        held = (f"held at {candidate.target:.0%} sparsity (target {options.target:.0%})"
+                + (f", {len(kept_dense)} layers kept dense" if kept_dense else ""))
+    info = summary.summarize(dense, outcome.model, layers, options, candidate.method, held)
     return SparsityResult(outcome.model, True, outcome.verification, log, counts, layers,
                           candidate.method, info)

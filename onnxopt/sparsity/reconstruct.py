@@ -11,7 +11,7 @@ Columns are taken in blocks of `block`; within a block the mask is chosen by w²
 (unstructured: the block's share of the layer's zeros, so the layer total is exact; N:M: the
 M − N smallest of every M consecutive columns of a row, as the block reaches them), and the
 block's error updates the columns after it at once (lazy batch updates). H gets
-λ = damp · mean(diag H) on its diagonal; a dead input (H_jj = 0) gets H_jj = 1 and zero weights.
+λ = damp · mean(diag H) on its diagonal; a dead input (H_jj = 0) gets H_jj = 1.
 
 Least squares for channel pruning: the layer reads X' (fewer channels, from the pruned model)
 and should give what the dense layer gives on X. With H = X'ᵀX' and C = X'ᵀX,
@@ -23,7 +23,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["layer_error", "prune_with_hessian", "refit"]
+__all__ = ["layer_error", "prune_with_hessian", "refit", "shrunk"]
+
+
+def shrunk(moment: np.ndarray, rows: int, *, bias: bool = False) -> np.ndarray:
+    """A second moment (XᵀX, or X'ᵀX over the same inputs) shrunk toward its diagonal by
+    γ = min(1, K / rows): with few rows per input, its off-diagonal part describes the
+    calibration batches, not the data. Shrink H and C alike, or a correction (H⁻¹C) that
+    should be near the identity is not. With `bias`, the last row and column (the means,
+    against the appended ones) are kept as they are."""
+    k = moment.shape[-1] - (1 if bias else 0)
+    gamma = min(1.0, k / max(rows, 1))
+    if gamma <= 0.0:
+        return moment
+    result = np.array(moment, dtype=np.float64)
+    block = result[:k, :k]
+    result[:k, :k] = (1.0 - gamma) * block + gamma * np.diag(np.diag(block))
+    return result
 
 
 def layer_error(hessian: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> float:
@@ -40,12 +56,19 @@ def prune_with_hessian(weight: np.ndarray, hessian: np.ndarray, *, sparsity: flo
     row; K % m == 0) or `mask` (True = kept) says what is pruned."""
     w = np.array(weight, dtype=np.float64)
     rows, k = w.shape
+    if (sparsity is not None) + bool(m) + (mask is not None) != 1:
+        raise ValueError("give exactly one of sparsity, n and m, or mask")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity}: expected 0 <= s < 1")
+    if m and not 0 < n < m:
+        raise ValueError(f"N:M pruning needs 0 < N < M: N={n}, M={m}")
     if m and k % m:
         raise ValueError(f"N:M pruning needs K divisible by M: K={k}, M={m}")
     if m:
         block = max(m, block - block % m)  # an N:M run never straddles two blocks
-    u, dead = _inverse_cholesky(hessian, damp)
-    w[:, dead] = 0.0
+    # A dead input (always zero) gets H_jj = 1: its weights are pruned or kept by magnitude like
+    # any other, so the count stays exact and a given mask is honoured as given.
+    u = _inverse_cholesky(hessian, damp)
     keep = np.ones_like(w, dtype=bool)
     zeros = int(round(sparsity * w.size)) if sparsity is not None else 0
     for start in range(0, k, block):
@@ -73,7 +96,6 @@ def prune_with_hessian(weight: np.ndarray, hessian: np.ndarray, *, sparsity: flo
             w[:, column:stop] -= np.outer(errors[:, j], u_block[j, j:])
             w[:, column] = q
         w[:, stop:] -= errors @ u[start:stop, stop:]
-    keep[:, dead] = False
     return np.where(keep, w, 0.0), keep
 
 
@@ -85,8 +107,8 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
     return chosen.reshape(scores.shape)
 
 
-def _inverse_cholesky(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor of (H + λI)⁻¹, and the dead inputs (H_jj == 0)."""
+def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of (H + λI)⁻¹, dead inputs (H_jj == 0) given H_jj = 1."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -101,16 +123,20 @@ def _inverse_cholesky(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.
         raise np.linalg.LinAlgError("input Hessian is not positive definite even damped")
     inverse_lower = np.linalg.solve(lower, np.eye(len(h)))  # L⁻¹
     inverse = inverse_lower.T @ inverse_lower  # H⁻¹ = L⁻ᵀ L⁻¹
-    return np.linalg.cholesky(inverse).T, dead
+    return np.linalg.cholesky(inverse).T
 
 
 def refit(hessian: np.ndarray, cross: np.ndarray, weight: np.ndarray, *,
-          damp: float = 1e-4) -> np.ndarray:
-    """W' [rows, K'] minimizing ‖X' W'ᵀ − X Wᵀ‖² (+ λ‖W'‖², λ = damp · mean(diag H)) from
-    H = X'ᵀX' [K', K'], C = X'ᵀX [K', K] and the dense W [rows, K]."""
+          prior: np.ndarray | None = None, damp: float = 1e-4) -> np.ndarray:
+    """W' [rows, K'] minimizing ‖X' W'ᵀ − X Wᵀ‖² + λ‖W' − P‖² (λ = damp · mean(diag H), P the
+    `prior`, e.g. the plainly sliced weights, or 0) from H = X'ᵀX' [K', K'], C = X'ᵀX [K', K]
+    and the dense W [rows, K]: (H + λI) W'ᵀ = C Wᵀ + λ Pᵀ."""
     h = np.array(hessian, dtype=np.float64)
-    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-30)
+    strength = damp * max(float(np.mean(np.diag(h))), 1e-30)
+    h[np.diag_indices_from(h)] += strength
     target = np.asarray(cross, np.float64) @ np.asarray(weight, np.float64).T  # [K', rows]
+    if prior is not None:
+        target = target + strength * np.asarray(prior, np.float64).T
     try:
         solved = np.linalg.solve(h, target)
     except np.linalg.LinAlgError:

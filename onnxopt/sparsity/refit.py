@@ -1,17 +1,24 @@
-"""Re-fitting pruned layers from calibration data, layer after layer (SparseGPT).
+"""Re-fitting pruned layers from calibration data, layer after layer, with the dense model as
+the teacher (SparseGPT, corrected toward the dense outputs).
 
-For a layer with weight W (rows × K, _sparsity's view) and input rows X (Conv: unfolded patches),
-pruning to W' costs the layer's output ‖X Wᵀ − X W'ᵀ‖² = tr(ΔW H ΔWᵀ) with H = XᵀX. SparseGPT
-(Frantar & Alistarh 2023) chooses the mask by w² / [H⁻¹]ⱼⱼ² and moves each pruned weight's
-contribution onto the weights still to come in its row (OBS updates), so the layer's output stays
-close without any training; the dense model is the teacher.
+Per layer, with its input X' in the pruned model and X in the dense one (onnxopt.sparsity.
+teacher; both unfolded, with a column of ones), H = [X' 1]ᵀ[X' 1] and C = [X' 1]ᵀ[X 1]:
+1. correct: [W̃ b̃] = argmin ‖[X' 1][W̃ b̃]ᵀ − [X 1][W b]ᵀ‖² = ((H + λI)⁻¹ C [W b]ᵀ)ᵀ: what the
+   layers before it changed, and the shift of the means, are compensated here;
+2. prune W̃ with SparseGPT (Frantar & Alistarh 2023): the mask by w² / [H⁻¹]ⱼⱼ², each pruned
+   weight's contribution moved onto the weights still to come in its row (OBS updates), so
+   ‖X'(W̃ − W')ᵀ‖² stays small; since ‖X'W'ᵀ − XWᵀ‖² = ‖X'(W̃ − W')ᵀ‖² + const, this is the
+   distance to the dense layer's output;
+3. re-centre: b' = b̃ + (W̃ − W') E[x'], so the pruning itself does not move the output's mean.
+With few rows per input (squeeze-excite Convs on pooled 1×1 maps, a head), H and C are shrunk
+toward their diagonals by K / rows (reconstruct.shrunk): their off-diagonal part would only
+describe the calibration batches.
 
 Order: layers are grouped in waves (a layer's wave is the longest chain of prunable layers
-before it); each wave's inputs are measured on the model with every earlier wave already
-pruned and re-fitted, so a layer corrects what the layers before it changed. Memory: per layer
-one K × K float64 matrix, accumulated batch by batch (onnxopt.sparsity.hessian); activations
-of one batch at a time (onnxopt.calib.activations).
-ConvTranspose has no unfolded input here: it is pruned by magnitude, and the log says so.
+before it); each wave's inputs are measured on the model with every earlier wave already pruned
+and re-fitted. Memory: per layer two (K+1)² float64 matrices, accumulated batch by batch; one
+batch of activations of each model at a time. ConvTranspose has no unfolded input here: it is
+pruned by magnitude, and the log says so.
 """
 
 from __future__ import annotations
@@ -21,11 +28,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.calib import activations
 from onnxopt.inputs import Feeds
 from onnxopt.passes import _sparsity
-from onnxopt.passes._graph import describe
-from onnxopt.sparsity import hessian, reconstruct
+from onnxopt.passes._graph import NameSource, describe
+from onnxopt.sparsity import reconstruct, teacher
 from onnxopt.sparsity.options import Candidate, SparsityOptions
 
 __all__ = ["MAX_BATCHES", "layer_targets", "reconstructed", "waves"]
@@ -60,27 +66,31 @@ def reconstructed(model: ir.Model, options: SparsityOptions, batches: Sequence[F
                   progress: Callable[[str], None]) -> Candidate:
     """A copy of `model` with every prunable layer pruned and re-fitted, wave by wave."""
     copy = model.clone()  # shares the dense tensors; each re-fitted weight is a new one
+    twin = dict(zip(copy.graph, model.graph))  # clone keeps the node order
     layers, _ = _sparsity.prunable_layers(copy, options.skip,
                                           keep_first_last=options.keep_first_last)
     targets = layer_targets(layers, options)
     used = batches if len(batches) <= MAX_BATCHES else batches[:MAX_BATCHES]
+    names = NameSource(copy.graph)
     log, pruned, refitted = [], [], set()
     ordered = waves(copy, layers)
     for index, wave in enumerate(ordered):
         progress(f"re-fitting pruned layers: wave {index + 1} of {len(ordered)}")
-        fits = [layer for layer in wave if _fits(layer, options)]
-        sums = _input_hessians(copy, fits, used)
+        readers = {layer.name: teacher.Reader(layer.node, twin[layer.node])
+                   for layer in wave if _fits(layer, options)}
+        teacher.accumulate(model, copy, list(readers.values()), used)
         for layer in wave:
-            line = _prune_layer(layer, targets[layer.name], options.n_m, sums.get(layer.name))
+            reader = readers.get(layer.name)
+            line = _prune_layer(layer, targets[layer.name], options.n_m, reader, names)
             if line is None:
                 continue
             pruned.append(layer.name)
             log.append(line)
-            if layer.name in sums:
+            if reader is not None:
                 refitted.add(layer.name)
     order = {layer.name: i for i, layer in enumerate(layers)}
     return Candidate(copy, "reconstructed", sorted(pruned, key=order.get), log,
-                     frozenset(refitted))
+                     frozenset(refitted), target=options.target)
 
 
 def _fits(layer: _sparsity.Layer, options: SparsityOptions) -> bool:
@@ -91,68 +101,74 @@ def _fits(layer: _sparsity.Layer, options: SparsityOptions) -> bool:
     return layer.node.op_type != "ConvTranspose"
 
 
-def _input_hessians(model: ir.Model, layers: Sequence[_sparsity.Layer],
-                    batches: Sequence[Feeds]) -> dict[str, hessian.InputHessian]:
-    if not layers:
-        return {}
-    sums = {layer.name: hessian.InputHessian(hessian.layer_input(layer.node))
-            for layer in layers}
-    names = [layer.node.inputs[0].name for layer in layers]
-    for found in activations.iter_activations(model, batches, names):
-        for layer in layers:
-            sums[layer.name].add(found[layer.node.inputs[0].name])
-    return sums
-
-
-def _prune_layer(layer: _sparsity.Layer, target: float, n_m, sums) -> str | None:
-    """Prune one layer (re-fitted when its input Hessian is there); its log line, or None."""
-    weight = layer.weight.const_value.numpy()
-    if n_m is not None and layer.input_channels % n_m[1]:
-        return None  # the pass's log names it; it stays dense here too
-    rows = _sparsity.to_rows(layer, weight.astype(np.float64))
-    if target <= 0.0:
-        return None
-    if sums is None:
+def _prune_layer(layer: _sparsity.Layer, target: float, n_m, reader: teacher.Reader | None,
+                 names: NameSource) -> str | None:
+    """Prune one layer (re-fitted when its reader is there); its log line, or None."""
+    if target <= 0.0 or (n_m is not None and layer.input_channels % n_m[1]):
+        return None  # the pass's log names a layer that cannot take N:M; it stays dense
+    if reader is None:
+        rows = _sparsity.to_rows(layer, layer.weight.const_value.numpy().astype(np.float64))
         keep = (_sparsity.n_m_mask(rows, *n_m) if n_m is not None else
                 _sparsity.magnitude_mask(np.abs(rows), int(round(target * rows.size))))
         _sparsity.write_weight(layer, _sparsity.from_rows(layer, rows * keep))
         return (f"pruned {describe(layer.node)} by magnitude: {target:.1%} zero "
                 f"({layer.node.op_type} is not re-fitted)")
-    new_rows = np.empty_like(rows)
-    gain = []
-    for group, h in enumerate(_hessians_in_row_order(layer, sums)):
-        new_rows[group], magnitude_error, error = _solve(rows[group], h, target, n_m)
-        gain.append((error, magnitude_error))
-    _sparsity.write_weight(layer, _sparsity.from_rows(layer, new_rows))
-    error, magnitude_error = (sum(e for e, _ in gain), sum(m for _, m in gain))
-    ratio = error / magnitude_error if magnitude_error > 0 else 1.0
-    zeros = 1 - np.count_nonzero(new_rows) / new_rows.size
-    return (f"pruned and re-fitted {describe(layer.node)}: {zeros:.1%} zero, layer output "
-            f"error {ratio:.2f}x magnitude pruning's")
+    rows, bias = teacher.rows_and_bias(reader.dense)
+    has_bias = teacher.bias_input(layer.node) is not None or layer.node.op_type != "MatMul"
+    per_group = rows.shape[0] // layer.group
+    order = _row_order(layer)
+    errors = []
+    for g in range(layer.group):
+        part = slice(g * per_group, (g + 1) * per_group)
+        rows[part], bias[part], error = _fit_group(
+            rows[part], bias[part], reader.hessian.hessian[g], reader.cross.moment[g],
+            reader.rows, order, target, n_m, has_bias)
+        errors.append(error)
+    teacher.write_rows(layer.node, rows)
+    if has_bias:
+        teacher.write_bias(layer.node, bias, names)
+    ratio = sum(e for e, _ in errors) / max(sum(m for _, m in errors), 1e-300)
+    zeros = 1 - np.count_nonzero(rows) / rows.size
+    return (f"pruned and re-fitted {describe(layer.node)} to the dense layer's output: "
+            f"{zeros:.1%} zero, its own pruning error {ratio:.2f}x magnitude pruning's")
 
 
-def _hessians_in_row_order(layer: _sparsity.Layer, sums: hessian.InputHessian) -> list:
-    """Per group, H with K ordered as _sparsity's rows (input channel fastest); the unfolded
-    input comes channel-major, (c_in, *k), as weight.reshape(C_out, -1)."""
-    found = sums.hessian
-    found = found if found.ndim == 3 else found[None]
+def _fit_group(rows, bias, h_aug, c_aug, count: int, order, target, n_m, has_bias):
+    """One group: correct toward the dense output, prune with SparseGPT, re-centre the bias.
+    Returns (rows, bias, (SparseGPT's error, magnitude pruning's error) on the corrected rows)."""
+    k = rows.shape[1]
+    h_aug = reconstruct.shrunk(h_aug, count, bias=True)
+    c_aug = reconstruct.shrunk(c_aug, count, bias=True)
+    dense = np.concatenate([rows, bias[:, None]], axis=1)
+    if has_bias:  # [W b]: the upstream errors and the mean shift corrected at once
+        corrected = reconstruct.refit(h_aug, c_aug, dense, prior=dense)
+        rows, bias = corrected[:, :k], corrected[:, k]
+    else:
+        rows = reconstruct.refit(h_aug[:k, :k], c_aug[:k], dense, prior=rows)
+    h = h_aug[:k, :k][np.ix_(order, order)]
+    ordered = rows[:, order]
+    if n_m is not None:
+        new, _ = reconstruct.prune_with_hessian(ordered, h, n=n_m[0], m=n_m[1])
+        keep = _sparsity.n_m_mask(ordered[None], *n_m)[0]
+    else:
+        zeros = int(round(target * ordered.size))
+        new, _ = reconstruct.prune_with_hessian(ordered, h, sparsity=zeros / ordered.size)
+        keep = _sparsity.magnitude_mask(np.abs(ordered), zeros)
+    error = (reconstruct.layer_error(h, ordered, new),
+             reconstruct.layer_error(h, ordered, ordered * keep))
+    pruned = np.empty_like(new)
+    pruned[:, order] = new
+    if has_bias:  # E[y] unchanged by the pruning: b' = b + (W − W') E[x]
+        bias = bias + (rows - pruned) @ h_aug[:k, k]
+    return pruned, bias, error
+
+
+def _row_order(layer: _sparsity.Layer) -> np.ndarray:
+    """Column order of _sparsity's rows (input channel fastest) in the unfolded input's
+    (c_in, *k): the N:M runs are M input channels at one kernel position."""
     if layer.node.op_type != "Conv":
-        return list(found)
+        k = layer.shape[0] if layer.is_transposed else layer.shape[1]
+        return np.arange(k)
     shape = layer.shape  # [C_out, C_in/g, *k]
     per_channel = int(np.prod(shape[2:]))
-    order = np.arange(shape[1] * per_channel).reshape(shape[1], per_channel).T.ravel()
-    return [h[np.ix_(order, order)] for h in found]
-
-
-def _solve(rows: np.ndarray, h: np.ndarray, target: float, n_m) -> tuple[np.ndarray, float,
-                                                                          float]:
-    """SparseGPT on one group: (new rows, magnitude pruning's layer error, the new error)."""
-    if n_m is not None:
-        new, _ = reconstruct.prune_with_hessian(rows, h, n=n_m[0], m=n_m[1])
-        keep = _sparsity.n_m_mask(rows[None], *n_m)[0]
-    else:
-        zeros = int(round(target * rows.size))
-        new, _ = reconstruct.prune_with_hessian(rows, h, sparsity=zeros / rows.size)
-        keep = _sparsity.magnitude_mask(np.abs(rows), zeros)
-    return (new, reconstruct.layer_error(h, rows, rows * keep),
-            reconstruct.layer_error(h, rows, new))
+    return np.arange(shape[1] * per_channel).reshape(shape[1], per_channel).T.ravel()

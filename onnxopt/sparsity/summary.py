@@ -88,7 +88,7 @@ def summarize(dense: ir.Model, pruned: ir.Model, layers: list[LayerRow],
         "macs_removed": (removed_macs / total_macs) if total_macs else None,
         "weights_raw_bytes": [raw_before, raw_after],
         "weights_zip_bytes": [zip_before, zip_after],
-        # Channels: set from the measured latency once the model is timed (onnxopt.api).
+        # Channels: from the pruned model timed against the dense one (sparsity.channels).
         "verdict": "" if is_channels else "smaller only",
         "note": "" if is_channels else NO_SPEEDUP,
         "layers": [dict(node=row.node, op_type=row.op_type, weights=row.weights,
