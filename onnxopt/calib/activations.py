@@ -110,4 +110,7 @@ def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, set[str]]:
             exposed.append(value)
     graph.outputs.clear()
     graph.outputs.extend(exposed)
+    # Only what the exposed tensors need runs: layer-by-layer calibration of an early layer
+    # does not pay for the rest of the network.
+    common.RemoveUnusedNodesPass()(clone)
     return clone, from_feeds

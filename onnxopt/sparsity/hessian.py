@@ -136,48 +136,75 @@ def _pad(x: np.ndarray, spec: LayerInput) -> np.ndarray:
     return np.pad(x, [(0, 0), (0, 0), *zip(pads_begin, pads_end)])
 
 
-def _with_ones(part: np.ndarray) -> np.ndarray:
-    return np.concatenate([part, np.ones((*part.shape[:2], 1))], axis=2)
+class _Moment:
+    """Σ aᵀb over slices of rows, per group; with `with_bias` the appended ones column is kept
+    as column sums (Σa, Σb) and the count instead of being concatenated to every slice."""
+
+    def __init__(self, with_bias: bool, max_chunk_bytes: int):
+        self.with_bias, self.max_chunk_bytes = with_bias, max_chunk_bytes
+        self.sum: np.ndarray | None = None  # [groups, K_a, K_b] float64
+        self._sum_a: np.ndarray | None = None  # [groups, K_a]: Σ of each column of a
+        self._sum_b: np.ndarray | None = None
+        self.count = 0  # rows (samples x output positions) seen
+
+    def _add(self, part_a: np.ndarray, part_b: np.ndarray) -> None:
+        product = np.matmul(part_a.transpose(0, 2, 1), part_b)
+        if self.sum is None:
+            self.sum = product
+            self._sum_a, self._sum_b = part_a.sum(axis=1), part_b.sum(axis=1)
+        else:
+            self.sum += product
+            self._sum_a += part_a.sum(axis=1)
+            self._sum_b += part_b.sum(axis=1)
+        self.count += part_a.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Columns of the moment, the ones column included."""
+        if self.sum is None:
+            return 0
+        return self.sum.shape[-1] + (1 if self.with_bias else 0)
+
+    def _mean(self, what: str) -> np.ndarray:
+        if self.sum is None:
+            raise ValueError(f"{what}: no batch was added")
+        if not self.with_bias:
+            return self.sum / self.count
+        groups, k_a, k_b = self.sum.shape
+        full = np.empty((groups, k_a + 1, k_b + 1))
+        full[:, :k_a, :k_b] = self.sum
+        full[:, :k_a, k_b] = self._sum_a
+        full[:, k_a, :k_b] = self._sum_b
+        full[:, k_a, k_b] = self.count
+        return full / self.count
 
 
-class InputHessian:
+class InputHessian(_Moment):
     """Σ UᵀU over every batch added, per group: `hessian` is that sum / rows seen."""
 
     def __init__(self, spec: LayerInput, *, with_bias: bool = False,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES):
-        self.spec, self.with_bias, self.max_chunk_bytes = spec, with_bias, max_chunk_bytes
-        self.sum: np.ndarray | None = None  # [groups, K(+1), K(+1)] float64
-        self.count = 0  # rows (samples x output positions) seen
+        super().__init__(with_bias, max_chunk_bytes)
+        self.spec = spec
 
     def add(self, x: np.ndarray) -> None:
         for part in _slices(np.asarray(x), self.spec, self.max_chunk_bytes):
-            if self.with_bias:
-                part = _with_ones(part)
-            product = np.matmul(part.transpose(0, 2, 1), part)
-            if self.sum is None:
-                self.sum = product
-            else:
-                self.sum += product
-            self.count += part.shape[1]
+            self._add(part, part)
 
     @property
     def hessian(self) -> np.ndarray:
-        """[groups, K, K]: the mean of UᵀU per row (raises before any batch)."""
-        if self.sum is None:
-            raise ValueError("InputHessian: no batch was added")
-        return self.sum / self.count
+        """[groups, K(+1), K(+1)]: the mean of UᵀU per row (raises before any batch)."""
+        return self._mean("InputHessian")
 
 
-class CrossMoment:
+class CrossMoment(_Moment):
     """Σ U_aᵀ U_b for two inputs read with geometries `a` and `b` on the same samples (e.g. a
     layer's input in the pruned model and in the dense one), per group, / rows seen."""
 
     def __init__(self, a: LayerInput, b: LayerInput, *, with_bias: bool = False,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES):
-        self.a, self.b, self.with_bias = a, b, with_bias
-        self.max_chunk_bytes = max_chunk_bytes
-        self.sum: np.ndarray | None = None
-        self.count = 0
+        super().__init__(with_bias, max_chunk_bytes)
+        self.a, self.b = a, b
 
     def add(self, x_a: np.ndarray, x_b: np.ndarray) -> None:
         x_a, x_b = np.asarray(x_a), np.asarray(x_b)
@@ -188,17 +215,9 @@ class CrossMoment:
             if part_a.shape[1] != part_b.shape[1]:
                 raise ValueError(f"CrossMoment: the two inputs give {part_a.shape[1]} and "
                                  f"{part_b.shape[1]} rows; they must read the same positions")
-            if self.with_bias:
-                part_a, part_b = _with_ones(part_a), _with_ones(part_b)
-            product = np.matmul(part_a.transpose(0, 2, 1), part_b)
-            if self.sum is None:
-                self.sum = product
-            else:
-                self.sum += product
-            self.count += part_a.shape[1]
+            self._add(part_a, part_b)
 
     @property
     def moment(self) -> np.ndarray:
-        if self.sum is None:
-            raise ValueError("CrossMoment: no batch was added")
-        return self.sum / self.count
+        """[groups, K_a(+1), K_b(+1)]: the mean of U_aᵀU_b per row."""
+        return self._mean("CrossMoment")
