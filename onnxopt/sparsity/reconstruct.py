@@ -28,12 +28,13 @@ __all__ = ["layer_error", "prune_with_hessian", "refit", "shrunk"]
 
 def shrunk(moment: np.ndarray, rows: int, *, bias: bool = False) -> np.ndarray:
     """A second moment (XᵀX, or X'ᵀX over the same inputs) shrunk toward its diagonal by
-    γ = min(1, K / rows): with few rows per input, its off-diagonal part describes the
-    calibration batches, not the data. Shrink H and C alike, or a correction (H⁻¹C) that
-    should be near the identity is not. With `bias`, the last row and column (the means,
-    against the appended ones) are kept as they are."""
+    γ = min(1, (K / rows)²): with fewer rows than inputs its off-diagonal part describes the
+    calibration batches, not the data, while a few rows per input already estimate it (the
+    square keeps γ small there: K / rows = 0.25 gives 0.06). Shrink H and C alike, or a
+    correction (H⁻¹C) that should be near the identity is not. With `bias`, the last row and
+    column (the means, against the appended ones) are kept as they are."""
     k = moment.shape[-1] - (1 if bias else 0)
-    gamma = min(1.0, k / max(rows, 1))
+    gamma = min(1.0, (k / max(rows, 1)) ** 2)
     if gamma <= 0.0:
         return moment
     result = np.array(moment, dtype=np.float64)
