@@ -95,7 +95,11 @@ class ChannelBuilder:
         self._sized = _infer_dims(model, dict(shapes or {}))  # MACs: batch 1, user's shapes
         batch = {v.shape[0].value for v in model.graph.inputs if v.shape is not None
                  and v.shape.rank() and not isinstance(v.shape[0], int)}
-        for name, dims in self._dims.items():  # a batch inference could not follow counts 1
+        # Sizes observed at run time (any value name) settle what inference could not follow
+        # (BERT's computed Reshapes); what is still unknown, a batch dim, counts 1.
+        inputs = {v.name for v in model.graph.inputs}
+        self._sized.update({k: tuple(v) for k, v in (shapes or {}).items() if k not in inputs})
+        for name, dims in self._dims.items():
             if not is_known(*self._sized.get(name, (None,))):
                 self._sized[name] = tuple(1 if d in batch else d for d in dims)
         self._parent: list[int] = []

@@ -54,7 +54,8 @@ class PruneChannelsOptions:
     # then leaves that group alone.
     remove: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     skip: tuple[str, ...] = ()  # node-name regexes whose groups stay whole (--sparsity-skip)
-    # Input name -> concrete shape for counting MACs; a symbolic batch counts as 1.
+    # Input name -> concrete shape for counting MACs (a symbolic batch counts as 1); other
+    # value names too, sizes seen at run time where shape inference cannot follow.
     shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     # Every group keeps at least this share: a layer cut to a few channels loses most of the
     # accuracy, and plain magnitude pruning without fine-tuning cannot buy it back.

@@ -21,6 +21,7 @@ import onnx_ir.passes.common as common
 
 from onnxopt import inputs as inputs_mod
 from onnxopt import io
+from onnxopt.measure import runtime
 
 __all__ = ["ModelStats", "TensorInfo", "model_stats"]
 
@@ -109,10 +110,58 @@ def _macs(model: ir.Model, shapes) -> tuple[dict[str, int], bool]:
     return dict(macs), any(count is None for _, count in per_node.values())
 
 
-def node_macs(model: ir.Model, shapes=None) -> dict[str, tuple[str, int | None]] | None:
+def node_macs(model: ir.Model, shapes=None, feeds: Mapping[str, np.ndarray] | None = None
+              ) -> dict[str, tuple[str, int | None]] | None:
     """Node name -> (op type, MACs) of every Conv/ConvTranspose/Gemm/MatMul, from ONNX shape
     inference on a copy with concrete input shapes (None: a count needs an unknown shape).
-    None when the inputs cannot be resolved or inference fails."""
+    With `feeds` (one batch), what inference leaves unknown is read from one ORT run instead
+    (exports that reshape with computed shapes, such as BERT's attention). None when the
+    inputs cannot be resolved or inference fails."""
+    found = _inferred_macs(model, shapes)
+    if feeds is None or (found is not None and all(c is not None for _, c in found.values())):
+        return found
+    observed = observed_shapes(model, feeds)
+    counts = {}
+    for index, node in enumerate(model.graph.all_nodes()):
+        if node.op_type in _LINEAR:
+            count = _node_macs(node, lambda v: observed.get(v.name) if v is not None else None)
+            counts[node.name or f"<unnamed {node.op_type} #{index}>"] = (node.op_type, count)
+    return counts
+
+
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def observed_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+    """Value name -> shape, from one run of `model` with every linear node's input and output
+    exposed ({} when ORT cannot run it); weights and graph inputs from their own shapes."""
+    copy = model.clone()
+    wanted = {}
+    for node in copy.graph:
+        if node.op_type in _LINEAR:
+            for value in (node.inputs[0], node.outputs[0]):
+                if value is not None and value.name and value.producer() is not None:
+                    wanted[value.name] = value
+    try:
+        if any(v.dtype is None for v in wanted.values()):
+            copy = common.ShapeInferencePass(check_type=False, strict_mode=False,
+                                             data_prop=False)(copy).model
+            wanted = {v.name: v for node in copy.graph for v in node.outputs if v.name in wanted}
+        copy.graph.outputs.clear()
+        copy.graph.outputs.extend(v for v in wanted.values() if v.dtype is not None)
+        with runtime.model_session(copy, optimize=False) as session:
+            outputs = runtime.run(session, feeds)
+    except Exception:  # an estimate, never a reason to fail the run
+        return {}
+    found = {name: tuple(np.shape(array)) for name, array in outputs.items()}
+    found.update({name: tuple(np.shape(array)) for name, array in feeds.items()})
+    for value in copy.graph.initializers.values():
+        if value.const_value is not None:
+            found[value.name] = tuple(value.const_value.shape)
+    return found
+
+
+def _inferred_macs(model: ir.Model, shapes) -> dict[str, tuple[str, int | None]] | None:
     copy = model.clone()
     try:
         specs = inputs_mod.input_specs(copy)
@@ -140,18 +189,20 @@ def _static(value: ir.Value | None) -> tuple[int, ...] | None:
     return tuple(value.shape.numpy())
 
 
-def _node_macs(node: ir.Node) -> int | None:
-    out = _static(node.outputs[0])
-    weight = _static(node.inputs[1]) if len(node.inputs) > 1 else None
+def _node_macs(node: ir.Node, shape_of=None) -> int | None:
+    """MACs of one linear node from its shapes (`shape_of`: value -> shape or None)."""
+    shape_of = shape_of or _static
+    out = shape_of(node.outputs[0])
+    weight = shape_of(node.inputs[1]) if len(node.inputs) > 1 else None
     if out is None or weight is None:
         return None
     if node.op_type == "Conv":
         return int(np.prod(out)) * int(np.prod(weight[1:]))
     if node.op_type == "ConvTranspose":
-        x = _static(node.inputs[0])
+        x = shape_of(node.inputs[0])
         return None if x is None else int(np.prod(x)) * weight[1] * int(np.prod(weight[2:]))
     if node.op_type == "Gemm":
         k = weight[1] if node.attributes.get_int("transB", 0) else weight[0]
         return int(np.prod(out)) * k
-    x = _static(node.inputs[0])  # MatMul: K is the last axis of A
+    x = shape_of(node.inputs[0])  # MatMul: K is the last axis of A
     return None if x is None else int(np.prod(out)) * x[-1]

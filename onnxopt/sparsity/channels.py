@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxopt.calib import activations
 from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
-from onnxopt.measure import budget, verify
+from onnxopt.measure import budget, stats, verify
 from onnxopt.passes._graph import NameSource, constant, describe
 from onnxopt.passes._sparsity import Layer
 from onnxopt.passes.prune_channels import (
@@ -47,7 +47,9 @@ def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
                    calib_batches: Sequence[Feeds] | None, held: list[Feeds],
                    progress: Callable[[str], None]) -> SparsityResult:
     """The channel-pruned model that holds the budget (or the dense one, with the reason)."""
-    groups = channel_groups(model, options.shapes)
+    # Sizes seen at run time count the MACs where shape inference cannot (computed Reshapes).
+    sizes = {**stats.observed_shapes(model, held[0]), **options.shapes}
+    groups = channel_groups(model, sizes)
     if not any(g.refused is None for g in groups):
         why = next((g.refused for g in groups if g.refused), "no Conv/Gemm/MatMul channels")
         raise BadInputError(f"--sparsity-pattern channels: no channel group can be pruned "
@@ -64,7 +66,7 @@ def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
                      "removed channels (least squares) and judge the budget on real data")
 
     def attempt(target: float) -> tuple[Candidate, budget.Outcome]:
-        candidate = _pruned(model, options, target, scores)
+        candidate = _pruned(model, options, target, scores, sizes)
         if refits:
             progress(f"re-fitting the layers that read removed channels ({target:.0%} MACs)")
             candidate = _refitted(model, candidate, groups, calib_batches)
@@ -81,11 +83,12 @@ def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
         return SparsityResult(model, False, checked, candidate.log, {}, [], "",
                               {"budget": why, "pattern": options.pattern,
                                "target": options.target})
-    layers = summary.layer_rows(model, candidate.model, options.shapes, candidate.reconstructed)
+    layers = summary.layer_rows(model, candidate.model, options.shapes, candidate.reconstructed,
+                                held[0])
     info = summary.summarize(model, candidate.model, layers, options, candidate.method,
                              "held" if candidate.target >= options.target else
                              f"held at {candidate.macs_removed:.0%} of MACs removed (target "
-                             f"{options.target:.0%})")
+                             f"{options.target:.0%})", held[0])
     progress("timing the pruned model against the dense one")
     info.update(_verdict(model, candidate.model, held[0]))
     counts = {"channels removed": sum(map(len, candidate.removed.values())),
@@ -122,12 +125,13 @@ def _verdict(dense: ir.Model, pruned: ir.Model, feeds: Feeds) -> dict:
             "latency_ratio": [ratio, low, high]}
 
 
-def _pruned(model: ir.Model, options: SparsityOptions, target: float, scores) -> Candidate:
+def _pruned(model: ir.Model, options: SparsityOptions, target: float, scores, sizes
+            ) -> Candidate:
     copy = model.clone()
     importance = options.importance if options.importance in ("l1", "l2") else "l2"
     report = PruneChannelsPass(PruneChannelsOptions(
         sparsity=target, importance=importance, scores=scores, skip=options.skip,
-        shapes=dict(options.shapes)))(copy)
+        shapes=sizes))(copy)
     removed_macs = 1 - report.macs_after / report.macs_before if report.macs_before else 0.0
     changed = [n.name for n in copy.graph if n.name in set(report.consumers)]
     return Candidate(copy, "magnitude", changed, list(report.log), removed=dict(report.removed),

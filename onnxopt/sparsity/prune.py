@@ -64,7 +64,7 @@ def sparsify(model: ir.Model, options: SparsityOptions, notes: list[str], *,
                                    lossy="pruned", verb="pruned")
     if not outcome.holds and options.n_m is None:
         trial, outcome = _lower_target(judge, options, trial, outcome, notes)
-    return _result(model, trial.candidate, outcome, options, refused)
+    return _result(model, trial.candidate, outcome, options, refused, held[0])
 
 
 @dataclasses.dataclass
@@ -178,7 +178,7 @@ def _with_dense_layers(pruned: ir.Model, dense: ir.Model, names: Sequence[str]) 
 
 
 def _result(dense: ir.Model, candidate: Candidate, outcome: budget.Outcome,
-            options: SparsityOptions, refused: list[str]) -> SparsityResult:
+            options: SparsityOptions, refused: list[str], feeds: Feeds) -> SparsityResult:
     kept_dense = set(outcome.excluded)
     pruned = [n for n in candidate.pruned if n not in kept_dense]
     log = [*refused, *candidate.log,
@@ -191,12 +191,13 @@ def _result(dense: ir.Model, candidate: Candidate, outcome: budget.Outcome,
                               {"budget": why, "pattern": options.pattern,
                                "target": options.target})
     layers = summary.layer_rows(dense, outcome.model, options.shapes,
-                                candidate.reconstructed - kept_dense)
+                                candidate.reconstructed - kept_dense, feeds)
     counts = {"pruned": len(pruned), "kept dense": len(kept_dense)}
     held = "held"
     if kept_dense or candidate.target < options.target:
         held = (f"held at {candidate.target:.0%} sparsity (target {options.target:.0%})"
                 + (f", {len(kept_dense)} layers kept dense" if kept_dense else ""))
-    info = summary.summarize(dense, outcome.model, layers, options, candidate.method, held)
+    info = summary.summarize(dense, outcome.model, layers, options, candidate.method, held,
+                             feeds)
     return SparsityResult(outcome.model, True, outcome.verification, log, counts, layers,
                           candidate.method, info)

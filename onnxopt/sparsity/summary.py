@@ -37,11 +37,12 @@ def weight_sizes(model: ir.Model) -> tuple[int, int]:
 
 
 def layer_rows(dense: ir.Model, pruned: ir.Model, shapes: Mapping[str, Sequence[int]],
-               reconstructed: Iterable[str] = ()) -> list[LayerRow]:
-    """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight, matched by node name."""
+               reconstructed: Iterable[str] = (), feeds=None) -> list[LayerRow]:
+    """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight, matched by node name
+    (`feeds`: one batch, for the sizes shape inference cannot resolve)."""
     refitted = set(reconstructed)
-    macs_before = stats.node_macs(dense, shapes) or {}
-    macs_after = stats.node_macs(pruned, shapes) or {}
+    macs_before = stats.node_macs(dense, shapes, feeds) or {}
+    macs_after = stats.node_macs(pruned, shapes, feeds) or {}
     after = {n.name: n for n in pruned.graph}
     rows = []
     for node in dense.graph:
@@ -65,14 +66,14 @@ def layer_rows(dense: ir.Model, pruned: ir.Model, shapes: Mapping[str, Sequence[
 
 
 def summarize(dense: ir.Model, pruned: ir.Model, layers: list[LayerRow],
-              options: SparsityOptions, method: str, budget: str) -> dict:
+              options: SparsityOptions, method: str, budget: str, feeds=None) -> dict:
     """The report's sparsity section (JSON-ready)."""
     raw_before, zip_before = weight_sizes(dense)
     raw_after, zip_after = weight_sizes(pruned)
     weights = sum(row.weights for row in layers)
     nonzero = sum(row.nonzero for row in layers)
     macs = [row for row in layers if row.macs is not None and row.effective_macs is not None]
-    total_macs = sum(m for _, m in (stats.node_macs(dense, options.shapes) or {}).values()
+    total_macs = sum(m for _, m in (stats.node_macs(dense, options.shapes, feeds) or {}).values()
                      if m is not None)
     removed_macs = sum(row.macs - row.effective_macs for row in macs)
     is_channels = options.pattern == CHANNELS
