@@ -237,14 +237,9 @@ def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say
     if not feeds and options.int8.calib is None:
         feeds = load_feeds(model, options, notes)  # dynamic int8 judges its budget on these
     result = int8.quantize(model, options.int8, notes, feeds=feeds, progress=say)
-    if result.is_quantized:  # else the float model stands, with its exact verification
-        verification = result.verification
     # The row names the pass whose model was kept (auto mode may end with dynamic int8).
     name = "quantize-dynamic" if result.mode == "dynamic" else "quantize-int8"
-    runs.append(pipeline.PassRun(name, modified=result.is_quantized,
-                                 reverted=not result.is_quantized,
-                                 reason=result.verification.reason, log=result.log,
-                                 counts=result.counts))
+    verification = _stage_row(runs, name, result.is_quantized, result, verification)
     summary = {
         "quantized": result.is_quantized,
         "calibration": _calibration_summary(result, options.int8),
@@ -261,13 +256,18 @@ def _sparsity(model, verification, runs, options: OptimizeOptions, feeds, notes,
     if not feeds and options.sparsity.calib is None:
         feeds = load_feeds(model, options, notes)  # magnitude pruning judges its budget on these
     result = sparsity_flow.sparsify(model, options.sparsity, notes, feeds=feeds, progress=say)
-    if result.is_pruned:  # else the dense model stands, with its exact verification
-        verification = result.verification
     name = "prune-channels" if options.sparsity.pattern == CHANNELS else "prune-weights"
-    runs.append(pipeline.PassRun(name, modified=result.is_pruned, reverted=not result.is_pruned,
+    verification = _stage_row(runs, name, result.is_pruned, result, verification)
+    return result.model, verification, result.summary
+
+
+def _stage_row(runs: list, name: str, is_kept: bool, result, verification):
+    """A lossy stage's row in the report; its verification replaces the exact one only when
+    its model was kept (else the exact model stands, with its own verification)."""
+    runs.append(pipeline.PassRun(name, modified=is_kept, reverted=not is_kept,
                                  reason=result.verification.reason, log=result.log,
                                  counts=result.counts))
-    return result.model, verification, result.summary
+    return result.verification if is_kept else verification
 
 
 def _keep_if_not_slower(report: Report, original: ir.Model, model: ir.Model, feeds,

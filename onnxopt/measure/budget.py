@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 import onnx_ir as ir
@@ -19,8 +20,8 @@ import onnx_ir as ir
 from onnxopt.errors import BadInputError
 from onnxopt.measure import bench, runtime, verify
 
-__all__ = ["Budget", "Outcome", "Trial", "fall_back", "latency_ratio", "longest_prefix",
-           "parse_budget", "slower"]
+__all__ = ["Budget", "Outcome", "Trial", "bisect_down", "fall_back", "latency_ratio",
+           "longest_prefix", "parse_budget", "slower"]
 
 _TIMING_SECONDS = 1.5  # rewrite vs original, interleaved: enough to see 5% on 2 cores
 _MAX_FALLBACK = 0.5  # past half the layers left exact, the rewrite has nothing left to offer
@@ -154,6 +155,21 @@ def longest_prefix(trial: Trial, full: Outcome, names: list[str], notes, *,
     notes.append(f"kept {exact} to hold the accuracy budget ({full.why} when all were "
                  f"{lossy}): the last {len(names) - holding} of {len(names)} {verb} layers, from "
                  f"{names[holding]!r} on; the first {holding} stay {lossy}")
+    return best
+
+
+def bisect_down(attempt: Callable[[float], tuple], target: float, steps: int = 3):
+    """The largest of target/2, then halvings of the interval, whose attempt holds: `attempt(x)`
+    returns (anything, Outcome); the search is within target / 2^steps of the best. Returns
+    (x, attempt's result) or None when nothing tried held."""
+    low, high, best = 0.0, target, None
+    for _ in range(steps):
+        middle = (low + high) / 2
+        tried = attempt(middle)
+        if tried[1].holds:
+            low, best = middle, (middle, tried)
+        else:
+            high = middle
     return best
 
 

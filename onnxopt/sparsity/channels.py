@@ -40,9 +40,6 @@ from onnxopt.sparsity.options import Candidate, SparsityOptions, SparsityResult
 
 __all__ = ["activation_scores", "prune_channels"]
 
-_BISECTIONS = 3  # target, then 3 halvings of the interval: within 1/8 of the asked target
-
-
 def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
                    calib_batches: Sequence[Feeds] | None, held: list[Feeds],
                    progress: Callable[[str], None]) -> SparsityResult:
@@ -98,22 +95,15 @@ def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
 
 
 def _bisect(attempt, target: float, candidate: Candidate, outcome: budget.Outcome, notes):
-    """The largest MAC target (within 1/2^_BISECTIONS of `target`) whose model holds."""
-    low, high, best = 0.0, target, None
-    for _ in range(_BISECTIONS):
-        middle = (low + high) / 2
-        tried, result = attempt(middle)
-        if result.holds:
-            low, best = middle, (tried, result)
-        else:
-            high = middle
-    if best is None:
-        notes.append(f"channels: no MAC target down to {high:.0%} held the accuracy budget "
-                     f"({outcome.why} at {target:.0%})")
+    """The largest MAC target (within 1/8 of `target`) whose model holds the budget."""
+    found = budget.bisect_down(attempt, target)
+    if found is None:
+        notes.append(f"channels: no MAC target down to {target / 8:.0%} held the accuracy "
+                     f"budget ({outcome.why} at {target:.0%})")
         return candidate, outcome
     notes.append(f"channels: {target:.0%} of MACs missed the accuracy budget ({outcome.why}); "
-                 f"kept {low:.0%}, the largest tried that holds")
-    return best
+                 f"kept {found[0]:.0%}, the largest tried that holds")
+    return found[1]
 
 
 def _verdict(dense: ir.Model, pruned: ir.Model, feeds: Feeds) -> dict:

@@ -99,28 +99,22 @@ class _Judge:
         return trials[best], outcomes[best]
 
 
-_BISECTIONS = 3  # the target, halved, then 2 more steps: within 1/8 of it
-
-
 def _lower_target(judge: _Judge, options: SparsityOptions, trial, outcome, notes):
     """When no set of dense layers holds the budget at the target: the largest lower target
     (bisected) whose pruned model holds it, or the original (trial, outcome)."""
-    low, high, best = 0.0, options.target, None
-    for _ in range(_BISECTIONS):
-        middle = (low + high) / 2
-        judge.progress(f"holding the accuracy budget at {middle:.0%} sparsity")
-        tried = judge.best(dataclasses.replace(options, sparsity=middle))
-        if tried[1].holds:
-            low, best = middle, tried
-        else:
-            high = middle
-    if best is None:
-        notes.append(f"sparsity: no target down to {high:.0%} held the accuracy budget "
-                     f"({outcome.why} at {options.target:.0%})")
+    def attempt(target: float):
+        judge.progress(f"holding the accuracy budget at {target:.0%} sparsity")
+        return judge.best(dataclasses.replace(options, sparsity=target))
+
+    found = budget.bisect_down(attempt, options.target)
+    if found is None:
+        notes.append(f"sparsity: no target down to {options.target / 8:.0%} held the accuracy "
+                     f"budget ({outcome.why} at {options.target:.0%})")
         return trial, outcome
     notes.append(f"sparsity: {options.target:.0%} missed the accuracy budget ({outcome.why}) "
-                 f"even with layers back to dense; kept {low:.0%}, the largest tried that holds")
-    return best
+                 f"even with layers back to dense; kept {found[0]:.0%}, the largest tried "
+                 "that holds")
+    return found[1]
 
 
 def calibration_split(model: ir.Model, options: SparsityOptions, notes: list[str],
