@@ -62,9 +62,15 @@ def plot_bench(result, path: str | os.PathLike) -> None:
 
 
 def plot_report(report, path: str | os.PathLike) -> None:
-    """Left: latency of original vs optimized per provider. Right: op counts that changed."""
+    """Left: latency of original vs optimized per provider. Right: op counts that changed.
+    With --sparsity, a third panel: each layer's share of zero (removed) weights."""
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    layers = (report.sparsity or {}).get("layers") or []
+    panels = 3 if layers else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
+    left, right = axes[0], axes[1]
+    if layers:
+        _sparsity_panel(axes[2], layers, report.sparsity)
     if report.latency:
         data, labels = [], []
         for row in report.latency:
@@ -95,3 +101,16 @@ def plot_report(report, path: str | os.PathLike) -> None:
     right.set_title(f"structure: {report.original.nodes} -> {report.optimized.nodes} nodes")
     _save(figure, path)
     plt.close(figure)
+
+
+def _sparsity_panel(axis, layers: list[dict], summary: dict) -> None:
+    """One bar per prunable layer (graph order): its share of zero or removed weights."""
+    shares = [row["sparsity"] for row in layers]
+    colours = ["tab:green" if row["reconstructed"] else "tab:blue" for row in layers]
+    axis.bar(range(len(shares)), shares, color=colours)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("layer (graph order; green: re-fitted)")
+    axis.set_ylabel("share of weights zero or removed")
+    axis.set_title(f"sparsity: {summary['pattern']}, {summary['sparsity']:.1%} "
+                   f"({summary.get('verdict') or '-'})")
+    axis.grid(axis="y", alpha=0.3)

@@ -116,11 +116,13 @@ def test_optimize_sparsity_cli_writes_the_report_and_a_sparse_model(mlp_files, t
                                                                     capsys, monkeypatch):
     path, calib = mlp_files
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    plot = tmp_path / "r.png"
     code, stdout, err = invoke_cli(["optimize", path, "-o", out, "--sparsity", "0.5", "--calib",
                                     calib, "--no-sparsity-keep-ends", "--max-error", "none",
-                                    "--bench", "none", "--report", report_path], capsys,
-                                   monkeypatch)
+                                    "--bench", "none", "--report", report_path, "--plot", plot],
+                                   capsys, monkeypatch)
     assert code == 0, err + stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(report_path.read_text())["sparsity"]
     assert summary["verdict"] == "smaller only" and summary["method"] == "reconstructed"
     assert abs(summary["sparsity"] - 0.5) < 1e-3 and summary["layers_pruned"] == 3
