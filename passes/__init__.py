@@ -7,6 +7,7 @@ from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
 from onnxopt.passes.equalize import EqualizeCrossLayerPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
 from onnxopt.passes.fuse_activations import FuseActivationsPass
+from onnxopt.passes.prune_channels import PruneChannelsOptions, PruneChannelsPass
 from onnxopt.passes.prune_weights import PruneWeightsOptions, PruneWeightsPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDynamicPass
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
@@ -18,7 +19,8 @@ __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNorm
             "QuantizeInt8Pass", "QuantizeInt8Options", "QuantizeDynamicPass",
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
             "SmoothActivationsPass", "SmoothActivationsOptions", "SplitOutliersPass",
-            "SplitOutliersOptions", "PruneWeightsPass", "PruneWeightsOptions"]
+            "SplitOutliersOptions", "PruneWeightsPass", "PruneWeightsOptions",
+            "PruneChannelsPass", "PruneChannelsOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
@@ -28,6 +30,7 @@ REGISTRY = {
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,
     PruneWeightsPass.name: PruneWeightsPass,  # `--sparsity` runs it with a budget and a target
+    PruneChannelsPass.name: PruneChannelsPass,  # `--sparsity-pattern channels` runs it
 }
 # Not here: TransferPass (onnxopt.transfer; the API's registry adds it, see onnxopt.api), and
 # SmoothActivationsPass and SplitOutliersPass need per-channel ranges from
