@@ -311,3 +311,17 @@ def test_demo_sparsity_prunes_channels_and_reports_the_task_metric(tmp_path, cap
     before, after = data["metrics"]["digits top-1 (256 samples)"]
     assert after >= before - 0.01
     assert data["optimized"]["parameters"] < 0.8 * data["original"]["parameters"]
+
+
+def test_channels_where_every_group_touches_the_outputs_is_refused(tmp_path, capsys,
+                                                                   monkeypatch):
+    rng = np.random.default_rng(5)
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="only")],
+                       [value_info("x", [1, 3, 8, 8])], [value_info("y", [1, 4, 6, 6])],
+                       [tensor("w", rng.standard_normal((4, 3, 3, 3)))])
+    path, out = tmp_path / "conv.onnx", tmp_path / "o.onnx"
+    onnx.save(proto, path)
+    code, _, err = invoke_cli(["optimize", path, "-o", out, "--sparsity", "0.3",
+                               "--sparsity-pattern", "channels"], capsys, monkeypatch)
+    assert code == 2 and "no channel group can be pruned" in err and "'y'" in err, err
+    assert not out.exists() and len(err.strip().splitlines()) == 1
