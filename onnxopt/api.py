@@ -255,7 +255,8 @@ def _sparsity(model, verification, runs, options: OptimizeOptions, feeds, notes,
     """Run --sparsity on the exactly rewritten model: (model, verification, report summary)."""
     if not feeds and options.sparsity.calib is None:
         feeds = load_feeds(model, options, notes)  # magnitude pruning judges its budget on these
-    result = sparsity_flow.sparsify(model, options.sparsity, notes, feeds=feeds, progress=say)
+    stage = dataclasses.replace(options.sparsity, timed="cpu" in options.bench)
+    result = sparsity_flow.sparsify(model, stage, notes, feeds=feeds, progress=say)
     name = "prune-channels" if options.sparsity.pattern == CHANNELS else "prune-weights"
     verification = _stage_row(runs, name, result.is_pruned, result, verification)
     return result.model, verification, result.summary

@@ -307,7 +307,7 @@ def test_demo_sparsity_prunes_channels_and_reports_the_task_metric(tmp_path, cap
     data = json.loads(report_path.read_text())
     summary = data["sparsity"]
     assert summary["pattern"] == "channels" and summary["method"] == "reconstructed"
-    assert summary["macs_removed"] >= 0.2 and summary["verdict"] in ("faster", "smaller only")
+    assert summary["macs_removed"] >= 0.2 and summary["verdict"] == "not timed"  # --bench none
     before, after = data["metrics"]["digits top-1 (256 samples)"]
     assert after >= before - 0.01
     assert data["optimized"]["parameters"] < 0.8 * data["original"]["parameters"]

@@ -61,6 +61,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 _RANDOM_BATCHES = 8  # `--calib random` without --calib-samples: enough to exercise the path
 _HELD_OUT = 0.2  # share of the batches that judge an accuracy budget instead of calibrating
 _MAX_HELD_OUT = 32  # batches: each budget trial runs all of them, so more only costs time
+FEW_HELD_OUT = 4  # below this many held-out batches, the report warns about the budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +159,23 @@ def calibration_data(
     )
 
 
-def held_out_split(data: CalibrationData, notes: list[str]) -> tuple[Batches, list[Feeds]]:
-    """(calibration batches, held-out batches): the last 20%, at most _MAX_HELD_OUT, judge an
-    accuracy budget and stay in memory (every trial runs them); the rest is streamed."""
+def held_out_split(data: CalibrationData, notes: list[str], *, min_held: int = 1
+                   ) -> tuple[Batches, list[Feeds]]:
+    """(calibration batches, held-out batches): the last 20% (at least `min_held` while half
+    the data is left to calibrate on, at most _MAX_HELD_OUT) judge an accuracy budget and stay
+    in memory (every trial runs them); the rest is streamed. Fewer than FEW_HELD_OUT held-out
+    batches are said in a note: a budget judged on a handful of samples can hold by luck."""
     count = len(data)
-    held = min(max(1, math.floor(count * _HELD_OUT)), _MAX_HELD_OUT) if count > 1 else 0
+    held = max(math.floor(count * _HELD_OUT), min(min_held, count // 2))
+    held = min(max(1, held), _MAX_HELD_OUT) if count > 1 else 0
     calib_batches = data.batches(0, count - held)
     if not held:
         notes.append("one calibration batch: the accuracy budget is judged on the same batch")
         return calib_batches, calib_batches[:]
+    if held < FEW_HELD_OUT:
+        notes.append(f"the accuracy budget is judged on {held} held-out calibration "
+                     f"batch{'es' if held > 1 else ''} only: give more calibration data "
+                     f"(--calib) for a budget that means something")
     return calib_batches, data.batches(count - held)[:]
 
 

@@ -173,11 +173,12 @@ def bisect_down(attempt: Callable[[float], tuple], target: float, steps: int = 3
     return best
 
 
-def latency_ratio(first: ir.Model, second: ir.Model, feeds) -> tuple[float, float, float]:
+def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
+                  seconds: float = _TIMING_SECONDS) -> tuple[float, float, float]:
     """p50 latency of `second` / `first` on ORT CPU, interleaved, with its 95% CI."""
     with runtime.model_session(first) as a, runtime.model_session(second) as b:
         runners = [runtime.runner(a, feeds), runtime.runner(b, feeds)]
-        before, after = bench.measure_runners(runners, seconds=_TIMING_SECONDS)
+        before, after = bench.measure_runners(runners, seconds=seconds)
     return bench.ratio_ci(before.times_ms, after.times_ms)
 
 

@@ -36,6 +36,9 @@ class SparsityOptions:
     budget: Budget = dataclasses.field(default_factory=Budget)  # --max-error, as int8's
     reconstruct: bool | None = None  # None: re-fit whenever calibration data is given
     importance: str = "l2"  # channels: weight norm (l2, l1) or calibrated activation size
+    # Channels: time the pruned model against the dense one for the verdict (`faster` only
+    # when measured so); off with `--bench none`.
+    timed: bool = True
 
     @property
     def n_m(self) -> tuple[int, int] | None:

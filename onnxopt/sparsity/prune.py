@@ -112,8 +112,8 @@ def _lower_target(judge: _Judge, options: SparsityOptions, trial, outcome, notes
                      f"budget ({outcome.why} at {options.target:.0%})")
         return trial, outcome
     notes.append(f"sparsity: {options.target:.0%} missed the accuracy budget ({outcome.why}) "
-                 f"even with layers back to dense; kept {found[0]:.0%}, the largest tried "
-                 "that holds")
+                 f"even with layers back to dense; kept a target of {found[0]:.1%}, the "
+                 "largest tried that holds")
     return found[1]
 
 
@@ -130,7 +130,8 @@ def calibration_split(model: ir.Model, options: SparsityOptions, notes: list[str
     notes.extend(data.notes)
     if data.is_random:
         notes.append("sparsity: --calib random re-fits the layers to noise; give real data")
-    return sources.held_out_split(data, notes)
+    # A pruned model can be right on average and wrong on a few inputs: judge it on a few.
+    return sources.held_out_split(data, notes, min_held=sources.FEW_HELD_OUT)
 
 
 def _magnitude(model: ir.Model, options: SparsityOptions) -> Candidate:
@@ -187,11 +188,9 @@ def _result(dense: ir.Model, candidate: Candidate, outcome: budget.Outcome,
     layers = summary.layer_rows(dense, outcome.model, options.shapes,
                                 candidate.reconstructed - kept_dense, feeds)
     counts = {"pruned": len(pruned), "kept dense": len(kept_dense)}
-    held = "held"
-    if kept_dense or candidate.target < options.target:
-        held = (f"held at {candidate.target:.0%} sparsity (target {options.target:.0%})"
-                + (f", {len(kept_dense)} layers kept dense" if kept_dense else ""))
-    info = summary.summarize(dense, outcome.model, layers, options, candidate.method, held,
+    info = summary.summarize(dense, outcome.model, layers, options, candidate.method, "",
                              feeds)
+    info["budget"] = summary.budget_text(options, info["sparsity"], "of the weights zero",
+                                         len(kept_dense) if kept_dense else None)
     return SparsityResult(outcome.model, True, outcome.verification, log, counts, layers,
                           candidate.method, info)

@@ -20,7 +20,7 @@ from onnxopt.measure import stats
 from onnxopt.passes import _sparsity
 from onnxopt.sparsity.options import CHANNELS, LayerRow, SparsityOptions
 
-__all__ = ["NO_SPEEDUP", "layer_rows", "summarize", "weight_sizes"]
+__all__ = ["NO_SPEEDUP", "budget_text", "layer_rows", "summarize", "weight_sizes"]
 
 NO_SPEEDUP = ("no ONNX Runtime kernel skips zero weights (CPU or CUDA; 2:4 needs TensorRT's "
               "sparse tensor cores): the gain is the compressed size")
@@ -97,3 +97,14 @@ def summarize(dense: ir.Model, pruned: ir.Model, layers: list[LayerRow],
                         effective_macs=row.effective_macs, reconstructed=row.reconstructed)
                    for row in layers],
     }
+
+
+def budget_text(options: SparsityOptions, achieved: float, what: str,
+                kept_dense: int | None = None) -> str:
+    """The report's budget line: held at the target, or how far it was met."""
+    if options.budget.min_cosine is None and options.budget.min_sqnr_db is None:
+        return f"not checked (--max-error none); {achieved:.1%} {what}"
+    if kept_dense is None and achieved >= options.target - 0.01:
+        return "held"
+    extra = f", {kept_dense} layers kept dense" if kept_dense else ""
+    return f"held at {achieved:.1%} {what} (target {options.target:.0%}){extra}"
