@@ -314,12 +314,10 @@ def sensitivity(
     shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[sensitivity_mod.LayerSensitivity]:
-    """Per prunable layer, the model's worst output (cosine, SQNR) with that layer alone pruned
-    at each level, on the first `batches` batches of `calib`. The exact pipeline runs first, so
-    the layers are the ones `optimize --sparsity` prunes (BatchNormalization folded in)."""
-    if pattern == CHANNELS:
-        raise BadInputError("sensitivity --pattern channels: not measured per layer yet; use "
-                            "unstructured or N:M (channel groups span several layers)")
+    """Per prunable layer (channels: per channel group), the model's worst output (cosine,
+    SQNR) with that layer alone pruned at each level, on the first `batches` batches of
+    `calib`. The exact pipeline runs first, so the layers are the ones `optimize --sparsity`
+    prunes (BatchNormalization folded in)."""
     if batches < 1:
         raise BadInputError(f"--batches {batches}: expected at least 1")
     model = io.load(path)
@@ -327,8 +325,12 @@ def sensitivity(
     model, _, _ = pipeline.run_pipeline(model, _build_passes(OptimizeOptions()), checker=None)
     data = sources.calibration_data(calib, model, preprocess=preprocess, samples=calib_samples,
                                     shapes=shapes)
-    return sensitivity_mod.sensitivity(model, data.batches(0, batches)[:], pattern=pattern,
-                                       levels=levels, skip=skip, progress=progress)
+    chosen = data.batches(0, batches)[:]
+    if pattern == CHANNELS:  # per channel group (it spans several layers), not per layer
+        return sensitivity_mod.channel_sensitivity(model, chosen, levels=levels, skip=skip,
+                                                   progress=progress)
+    return sensitivity_mod.sensitivity(model, chosen, pattern=pattern, levels=levels, skip=skip,
+                                       progress=progress)
 
 
 def inspect(path: str | os.PathLike, *, shapes: Mapping[str, Sequence[int]] | None = None):

@@ -258,9 +258,12 @@ def _pass_line(run: PassRun) -> str:
 def render_sensitivity(rows: list, path: str, pattern: str, console: Console) -> None:
     """`onnxopt sensitivity`: one row per layer, the worst output's SQNR per sparsity level."""
     levels = sorted({level for row in rows for level in row.sqnr_db})
+    what = ("that channel group alone cut" if pattern == "channels" else
+            "that layer alone pruned")
     table = Table(title=escape(f"onnxopt sensitivity: {path} ({pattern}; worst output SQNR in "
-                               "dB vs dense, that layer alone pruned)"))
-    for column in ("layer", "op", "weights", *(f"{level:.0%}" for level in levels)):
+                               f"dB vs dense, {what})"))
+    size = "channels" if pattern == "channels" else "weights"
+    for column in ("layer", "op", size, *(f"{level:.0%}" for level in levels)):
         table.add_column(column, justify="left" if column in ("layer", "op") else "right")
     for row in rows:
         cells = []
@@ -276,7 +279,7 @@ def render_sensitivity(rows: list, path: str, pattern: str, console: Console) ->
     console.print(table)
     console.print("green: cosine >= 0.999, yellow: >= 0.99, red: below (the default budget)")
     for row in rows:
-        if row.note:
+        if row.note and not row.note.startswith("channel group"):
             console.print(f"[yellow]note:[/yellow] {escape(row.node)}: {escape(row.note)}")
 
 

@@ -40,7 +40,8 @@ from onnxopt.passes._report import PassReport
 
 from onnxopt.errors import BadInputError
 
-__all__ = ["PruneChannelsOptions", "PruneChannelsPass", "PruneChannelsReport", "channel_groups"]
+__all__ = ["PruneChannelsOptions", "PruneChannelsPass", "PruneChannelsReport", "channel_groups",
+           "channel_importance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                 free.append(group)
         for group in free:
             removed[group.root] = np.zeros(group.channels, dtype=bool)
-        importance = {g.key: _importance(graph, g, options) for g in free}
+        importance = {g.key: channel_importance(graph, g, options) for g in free}
         target = (1.0 - options.sparsity) * before
         reached = _greedy(graph, free, importance, options, removed, target)
         removed = {root: mask for root, mask in removed.items() if mask.any()}
@@ -186,7 +187,7 @@ def _explicit(group: ChannelGroup, channels: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def _importance(graph: ChannelGraph, group: ChannelGroup, options) -> np.ndarray:
+def channel_importance(graph: ChannelGraph, group: ChannelGroup, options) -> np.ndarray:
     """Per-channel importance of a group as shares of its total (they sum to 1)."""
     if group.key in options.scores:
         score = np.asarray(options.scores[group.key], dtype=np.float64).ravel()

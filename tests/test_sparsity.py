@@ -325,3 +325,18 @@ def test_channels_where_every_group_touches_the_outputs_is_refused(tmp_path, cap
                                "--sparsity-pattern", "channels"], capsys, monkeypatch)
     assert code == 2 and "no channel group can be pruned" in err and "'y'" in err, err
     assert not out.exists() and len(err.strip().splitlines()) == 1
+
+
+def test_sensitivity_of_channel_groups_grows_with_the_share_cut(mlp_files, tmp_path, capsys,
+                                                                 monkeypatch):
+    path, calib = mlp_files
+    out = tmp_path / "s.json"
+    code, stdout, err = invoke_cli(["sensitivity", path, "--calib", calib, "--pattern",
+                                    "channels", "--levels", "0.25,0.75", "--json", out, "-q"],
+                                   capsys, monkeypatch)
+    assert code == 0, err
+    groups = json.loads(out.read_text())["layers"]
+    assert [g["node"] for g in groups] == ["fc1", "fc2"]  # fc3's group is the model's output
+    for group in groups:
+        assert group["weights"] == 96 and group["sqnr_db"]["0.25"] > group["sqnr_db"]["0.75"]
+    assert "channel group alone cut" in stdout

@@ -5,7 +5,9 @@ magnitude at s (N:M: the pattern's own level) and the model's outputs on the cal
 batches are compared with the dense model's: the worst output's cosine and SQNR. One ONNX
 Runtime session serves every trial: the prunable weights become overridable graph inputs
 (an initializer that is also a graph input), and each trial feeds one pruned weight, so the
-cost is runs, not session builds.
+cost is runs, not session builds. For channels, each channel group alone loses the share s of
+its channels (the least important by the prune-channels pass's weight norms); shapes change,
+so each trial is its own session.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,8 +24,15 @@ import onnx_ir as ir
 from onnxopt.inputs import Feeds
 from onnxopt.measure import runtime, verify
 from onnxopt.passes import _sparsity
+from onnxopt.passes._channel_groups import ChannelGraph
+from onnxopt.passes.prune_channels import (
+    PruneChannelsOptions,
+    PruneChannelsPass,
+    channel_importance,
+)
 
-__all__ = ["LEVELS", "LayerSensitivity", "overridable_session", "pruned_weight", "sensitivity"]
+__all__ = ["LEVELS", "LayerSensitivity", "channel_sensitivity", "overridable_session",
+           "pruned_weight", "sensitivity"]
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -91,4 +101,41 @@ def sensitivity(model: ir.Model, batches: Sequence[Feeds], *, pattern: str = "un
             rows.append(row)
             if progress is not None:
                 progress(index + 1, len(layers))
+    return rows
+
+
+def channel_sensitivity(model: ir.Model, batches: Sequence[Feeds], *,
+                        levels: Sequence[float] = LEVELS, skip: Sequence[str] = (),
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> list[LayerSensitivity]:
+    """Per channel group (named by its first producer; `weights`: its channels), the worst
+    output's cosine and SQNR with that group alone cut by each share of its channels."""
+    shapes = {name: tuple(np.shape(a)) for name, a in batches[0].items()}
+    graph = ChannelGraph(model, shapes)
+    options = PruneChannelsOptions(sparsity=0.0, shapes=shapes)
+    patterns = [re.compile(p) for p in skip]
+    groups = [g for g in graph.groups if g.refused is None
+              and not any(p.search(g.key) for p in patterns)]
+    reference = verify.reference_outputs(model, batches)
+    tolerance = verify.Tolerance(elementwise=False)
+    rows = []
+    for index, group in enumerate(groups):
+        order = np.argsort(channel_importance(graph, group, options), kind="stable")
+        row = LayerSensitivity(group.key, group.producers[0].op_type, group.channels, {}, {},
+                               note=f"channel group: {group.chain}")
+        for level in levels:
+            count = int(round(level * group.channels))
+            count -= count % group.blocks  # grouped Convs lose as many channels per block
+            if not 0 < count < group.channels:
+                continue
+            pruned = model.clone()
+            PruneChannelsPass(dataclasses.replace(
+                options, remove={group.key: [int(c) for c in order[:count]]}))(pruned)
+            errors = verify.verify(pruned, reference, batches, tolerance).outputs
+            if errors:
+                row.cosine[level] = min(e.cosine for e in errors)
+                row.sqnr_db[level] = min(e.sqnr_db for e in errors)
+        rows.append(row)
+        if progress is not None:
+            progress(index + 1, len(groups))
     return rows
