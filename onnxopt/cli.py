@@ -144,7 +144,8 @@ def optimize(
         "--reconstruct/--no-reconstruct",
         help="Re-fit pruned layers from --calib (default: on with --calib).")] = None,
     importance: Annotated[str, typer.Option(
-        help="Channels: rank by weight norm (l2, l1) or calibrated activations.")] = "l2",
+        help="Channels: rank by weight norm (l2, l1) or calibrated activations "
+             "(auto: activation with --calib).")] = "auto",
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""

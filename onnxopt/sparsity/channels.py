@@ -1,7 +1,7 @@
 """`--sparsity-pattern channels`: remove whole channels, re-fit what reads them, hold the budget.
 
-1. Importance: weight norms (the prune-channels pass: l2, l1), or with `--importance
-   activation` what each channel carries into the layers that read it, from calibration data:
+1. Importance: weight norms (the prune-channels pass: l2, l1), or (`--importance activation`,
+   the default with calibration data) what each channel carries into the layers that read it:
        S_c = sum over reading layers  E[x_c²] · ‖W[:, c]‖²
    (the squared output a reader loses without channel c, were channels uncorrelated).
 2. prune-channels removes the least important channels until the MAC target is met.
@@ -52,7 +52,7 @@ def prune_channels(model: ir.Model, options: SparsityOptions, notes: list[str],
         raise BadInputError(f"--sparsity-pattern channels: no channel group can be pruned "
                             f"(e.g. {why})")
     scores = {}
-    if options.importance == "activation":
+    if options.channel_importance == "activation" and calib_batches is not None:
         progress("measuring channel activations")
         scores = activation_scores(model, groups, calib_batches)
     progress("running the dense model on the held-out batches")
@@ -122,7 +122,8 @@ def _verdict(dense: ir.Model, pruned: ir.Model, feeds: Feeds, timed: bool, progr
 def _pruned(model: ir.Model, options: SparsityOptions, target: float, scores, sizes
             ) -> Candidate:
     copy = model.clone()
-    importance = options.importance if options.importance in ("l1", "l2") else "l2"
+    importance = options.channel_importance if options.channel_importance != "activation" \
+        else "l2"  # activation scores replace it where given
     report = PruneChannelsPass(PruneChannelsOptions(
         sparsity=target, importance=importance, scores=scores, skip=options.skip,
         shapes=sizes))(copy)
