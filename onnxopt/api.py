@@ -22,6 +22,7 @@ from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
 from onnxopt.measure import bench, runtime, stats
 from onnxopt.measure import validation as validate_mod
+from onnxopt.measure import validity as validity_mod
 from onnxopt.measure import verify as verify_mod
 from onnxopt.measure.verify import Tolerance
 from onnxopt.passes import DEFAULT_PIPELINE
@@ -145,7 +146,8 @@ def optimize(
     original_stats = stats.model_stats(model, path, shapes=options.shapes)
     notes: list[str] = []
     _upgrade_ir(model, notes)
-    model, transferred = _transfer_first(model, options, say)
+    validity = validity_mod.required_of(model)  # what every output is held to
+    model, transferred = _transfer_first(model, options, say, validity)
     if options.int8 is not None:  # before any work: --int8 on a model it cannot touch is an error
         int8.check_quantizable(model, str(src) if path else "the model")
     original = model.clone()  # shares tensors; passes build new ones instead of editing
@@ -153,7 +155,7 @@ def optimize(
     if options.verify:
         say("running the original")
         feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
-    checker, verification = _checker(original, feeds, options)
+    checker, verification = _checker(original, feeds, options, validity)
     passes = _build_passes(options)
     model = _upgrade_opset_for(passes, model, notes)
     model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
@@ -163,17 +165,25 @@ def optimize(
     clock.lap("passes + verify")
     sparsity_summary = None
     if options.sparsity is not None:
+        before, verified = model, verification
         model, verification, sparsity_summary = _sparsity(model, verification, runs, options,
                                                           feeds, notes, say)
+        model, verification = _undo_if_invalid(runs, validity, (before, verified),
+                                               (model, verification))
         clock.lap("sparsity")
     int8_summary = None
     if options.int8 is not None:
+        before, verified = model, verification
         model, verification, int8_summary = _int8(model, verification, runs, options, feeds,
                                                   notes, say)
+        model, verification = _undo_if_invalid(runs, validity, (before, verified),
+                                               (model, verification))
+        if runs[-1].reverted:
+            int8_summary["quantized"] = False
         clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
-                    int8=int8_summary, sparsity=sparsity_summary)
+                    int8=int8_summary, sparsity=sparsity_summary, validity=validity.describe())
     if options.bench:
         say("timing original vs optimized")
         model = _keep_if_not_slower(report, original, model, feeds, options)
@@ -204,16 +214,32 @@ class _Clock:
         return self.seconds
 
 
-def _checker(original: ir.Model, feeds, options: OptimizeOptions):
-    """(checker, None), or (None, why verification is skipped)."""
+def _checker(original: ir.Model, feeds, options: OptimizeOptions, validity):
+    """(checker, None), or (a judge of validity alone, why verification is skipped)."""
     if not options.verify:
-        return None, None
+        return pipeline.ValidityOnly(validity), None
     try:
         reference = verify_mod.reference_outputs(original, feeds)
     except runtime.RuntimeFailure as error:
-        return None, verify_mod.Verification("skipped", reason=f"original: {error}")
+        return pipeline.ValidityOnly(validity), verify_mod.Verification(
+            "skipped", reason=f"the original does not run on these inputs: {error}")
     floor = verify_mod.noise_floor(original, reference, feeds)
-    return pipeline.Checker(feeds, reference, options.tolerance, floor), None
+    return pipeline.Checker(feeds, reference, options.tolerance, floor, validity), None
+
+
+def _undo_if_invalid(runs: list, validity, before: tuple, after: tuple):
+    """A stage (int8, sparsity) whose model falls short of the input's validity is undone and
+    its row says why: (model, verification) of before it, or `after` when it is valid."""
+    model, verification = after
+    if model is before[0]:
+        return after
+    ran = verification is not None and bool(verification.outputs)  # ORT ran it: it loads
+    problem = validity.problem(model, loaded=ran)
+    if not problem:
+        return after
+    row = runs[-1]
+    row.modified, row.reverted, row.reason = False, True, f"invalid model, undone: {problem}"
+    return before
 
 
 def _calibration_summary(result: int8.Int8Result, options: int8.Int8Options) -> str:
@@ -322,7 +348,8 @@ def sensitivity(
         raise BadInputError(f"--batches {batches}: expected at least 1")
     model = io.load(path)
     _upgrade_ir(model, [])
-    model, _, _ = pipeline.run_pipeline(model, _build_passes(OptimizeOptions()), checker=None)
+    judge = pipeline.ValidityOnly(validity_mod.required_of(model))
+    model, _, _ = pipeline.run_pipeline(model, _build_passes(OptimizeOptions()), checker=judge)
     data = sources.calibration_data(calib, model, preprocess=preprocess, samples=calib_samples,
                                     shapes=shapes)
     chosen = data.batches(0, batches)[:]
@@ -366,7 +393,7 @@ def default_samples_path() -> Path:
 
 # --- optimize --transfer-from (issue 6) ---------------------------------------------------------
 
-def _transfer_first(model: ir.Model, options: OptimizeOptions, say: Progress):
+def _transfer_first(model: ir.Model, options: OptimizeOptions, say: Progress, validity):
     """SRC's weights into the model before any pass (onnxopt/transfer/transfer_pass.py). It
     changes the function on purpose, so its result, not the model as loaded, is the original
     that the passes are verified against and that a slower rewrite falls back to."""
@@ -374,5 +401,6 @@ def _transfer_first(model: ir.Model, options: OptimizeOptions, say: Progress):
         return model, []
     transfer = TransferPass(options.transfer_from, TransferOptions(
         inputs=options.inputs, shapes=options.shapes, seed=options.seed, verify=options.verify))
-    model, runs, _ = pipeline.run_pipeline(model, [transfer], checker=None, on_pass=say)
+    model, runs, _ = pipeline.run_pipeline(model, [transfer], checker=pipeline.ValidityOnly(validity),
+                                           on_pass=say)
     return model, runs

@@ -4,7 +4,9 @@ With `verify_each`, every pass that changed the model is checked against the ori
 right away, and an exact pass that breaks the tolerance (or the ONNX checker, or crashes) is
 undone: the model from before it is kept and the pipeline goes on. Without it, the whole pipeline
 is checked once at the end; if that fails, it is replayed from the start with per-pass checks so
-the culprit is found and reverted. Snapshots are `Model.clone()`s, which share tensors, so they
+the culprit is found and reverted. When the original's outputs cannot be had (it does not run on
+the inputs, or --no-verify), the same loop still holds every pass to the input's validity (the
+checker, ONNX Runtime loading it): an invalid model is never the result. Snapshots are `Model.clone()`s, which share tensors, so they
 cost graph bookkeeping, not weight memory.
 """
 
@@ -20,11 +22,11 @@ import onnx_ir as ir
 from onnxopt import io
 from onnxopt.errors import BadInputError, OnnxoptError, root_cause
 from onnxopt.inputs import Feeds
-from onnxopt.measure import runtime
 from onnxopt.measure import verify as verify_mod
+from onnxopt.measure.validity import Validity
 from onnxopt.passes import PassReport
 
-__all__ = ["PassRun", "Checker", "run_pipeline", "upgrade_opset"]
+__all__ = ["PassRun", "Checker", "ValidityOnly", "run_pipeline", "upgrade_opset"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,32 +44,50 @@ class PassRun:
 
 @dataclasses.dataclass
 class Checker:
-    """What "still correct" means for this run: the original's outputs on fixed inputs."""
+    """What "still correct" means for this run: the original's outputs on fixed inputs, and
+    the validity levels the original met (see measure.validity)."""
 
     feeds: Sequence[Feeds]
     reference: Sequence[dict]
     tolerance: verify_mod.Tolerance = verify_mod.Tolerance()
     floor: dict[str, float] = dataclasses.field(default_factory=dict)  # verify.noise_floor
+    validity: Validity = Validity(check=True)
 
     def __call__(self, model: ir.Model) -> verify_mod.Verification:
-        problem = _checker_problem(model)
+        problem = self.validity.problem(model, loaded=True)  # verify loads it below
         if problem:
-            return verify_mod.Verification("failed", reason=f"ONNX checker: {problem}")
+            return verify_mod.Verification("failed", reason=problem, invalid=True)
         return verify_mod.verify(model, self.reference, self.feeds, self.tolerance, self.floor)
+
+
+@dataclasses.dataclass
+class ValidityOnly:
+    """The judge when the original's outputs cannot be had (or --no-verify): the output must
+    still be as valid a model as the input was. It verifies nothing, so run_pipeline reports no
+    verification for it."""
+
+    validity: Validity
+
+    def __call__(self, model: ir.Model) -> verify_mod.Verification:
+        problem = self.validity.problem(model)
+        if problem:
+            return verify_mod.Verification("failed", reason=problem, invalid=True)
+        return verify_mod.Verification("passed")
 
 
 def run_pipeline(
     model: ir.Model,
     passes: Sequence[ir.passes.PassBase],
     *,
-    checker: Checker | None,
+    checker: Checker | ValidityOnly | None,
     verify_each: bool = False,
     on_pass: Callable[[str], None] | None = None,
 ) -> tuple[ir.Model, list[PassRun], verify_mod.Verification | None]:
     """Apply `passes` to `model` (in place where possible).
 
     Returns the model to keep, what each pass did, and the kept model's verification (None
-    without a checker)."""
+    when `checker` only holds it to the input's validity, or is None: no check at all)."""
+    checker = checker if checker is not None else ValidityOnly(Validity())
     original = None if verify_each else model.clone()  # clones share the weights' data
     try:
         model, runs = _run(model, passes, checker if verify_each else None, on_pass,
@@ -75,15 +95,17 @@ def run_pipeline(
     except _Crashed:  # an in-place pass died half-way: start again, a snapshot per pass
         logger.info("a pass crashed; replaying with a snapshot before every pass")
         model, runs = _run(original, passes, checker, on_pass, careful=True)
-        return model, runs, checker(model) if checker is not None else None
-    if checker is None:
-        return model, runs, None
+        return model, runs, _reported(checker, checker(model))
     verification = checker(model)
     if original is not None and not verification.passed:
-        logger.info("final verification failed; replaying with per-pass verification")
+        logger.info("final check failed (%s); replaying pass by pass", verification.reason)
         model, runs = _run(original, passes, checker, on_pass, careful=True)
         verification = checker(model)
-    return model, runs, verification
+    return model, runs, _reported(checker, verification)
+
+
+def _reported(checker, verification: verify_mod.Verification):
+    return None if isinstance(checker, ValidityOnly) else verification
 
 
 class _Crashed(Exception):
@@ -122,28 +144,13 @@ def _run(model, passes, checker, on_pass, *, careful: bool) -> tuple[ir.Model, l
             run.log, run.counts = list(result.log), dict(result.counts)
         if checker is not None and run.modified:
             verification = checker(model)
-            if not verification.passed and not getattr(pass_, "lossy", False):
+            # A lossy pass may miss the tolerance (its own budget judges it), never validity.
+            if verification.invalid or (not verification.passed
+                                        and not getattr(pass_, "lossy", False)):
                 run.reverted, run.reason = True, verification.worst()
                 model = snapshot
         runs.append(run)
     return model, runs
-
-
-def _checker_problem(model: ir.Model) -> str:
-    """The ONNX checker's complaint about `model`, or "". A model with external data is checked
-    from a saved copy, by path, so relative data locations resolve beside it (not beside the
-    working directory) and models over 2 GB work."""
-    import onnx
-
-    try:
-        with runtime.model_file(model) as source:
-            if isinstance(source, bytes):
-                onnx.checker.check_model(onnx.ModelProto.FromString(source))
-            else:
-                onnx.checker.check_model(source)
-    except Exception as error:  # onnx's ValidationError, or a serialization failure
-        return root_cause(error)
-    return ""
 
 
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:

@@ -52,6 +52,8 @@ class Report:
     int8: dict | None = None  # calibration, budget and ORT kernel counts when --int8 ran
     sparsity: dict | None = None  # per-layer zeros, MACs, sizes and verdict when --sparsity ran
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # What every output was held to (measure.validity), verified or not.
+    validity: str = ""
 
     def as_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -152,6 +154,10 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
         console.print(_pass_line(run))
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if report.verification is None or report.verification.status == "skipped":
+        reason = report.verification.reason if report.verification else "--no-verify"
+        console.print(f"[bold yellow]not verified:[/bold yellow] {escape(reason)}; the output is "
+                      f"only held to what the input met: {escape(report.validity or 'nothing')}")
 
 
 def _sparsity_rows(table: Table, summary: dict) -> None:
@@ -210,7 +216,7 @@ def _accuracy_rows(table: Table, verification: Verification | None) -> None:
     table.add_row("[bold]accuracy vs original", "", "", "")
     if verification is None or verification.status == "skipped":
         reason = verification.reason if verification else "verification off (--no-verify)"
-        table.add_row("verification", "", f"[yellow]skipped[/yellow]: {escape(reason)}", "")
+        table.add_row("verification", "", f"[yellow]not verified[/yellow]: {escape(reason)}", "")
         return
     colour = "green" if verification.passed else "red"
     table.add_row("verification", f"{verification.batches} batches",

@@ -139,7 +139,7 @@ def test_no_verify(cli_run, model_path):
     assert code == 0, err
     assert report["verification"] is None
     assert op_count(out, "BatchNormalization") == 0
-    assert "skipped" in stdout
+    assert "not verified" in stdout
     assert_same_outputs(onnx.load(str(model_path)), out, feeds(), rtol=1e-4, atol=1e-5)
 
 

@@ -68,6 +68,7 @@ class Verification:
     outputs: list[OutputError] = dataclasses.field(default_factory=list)
     batches: int = 0
     floor: dict[str, float] = dataclasses.field(default_factory=dict)  # see noise_floor
+    invalid: bool = False  # failed for the model itself (checker, ORT load), not its numbers
 
     @property
     def passed(self) -> bool:
