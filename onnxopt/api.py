@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common
 
 from onnxopt import inputs, io, pipeline
 from onnxopt.calib import sources
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, CannotGenerateError
 from onnxopt.measure import bench, runtime, stats
 from onnxopt.measure import validation as validate_mod
 from onnxopt.measure import validity as validity_mod
@@ -152,10 +152,16 @@ def optimize(
         int8.check_quantizable(model, str(src) if path else "the model")
     original = model.clone()  # shares tensors; passes build new ones instead of editing
     clock.lap("load")
+    unverifiable = None
     if options.verify:
         say("running the original")
-        feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
-    checker, verification = _checker(original, feeds, options, validity)
+        try:
+            feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
+        except CannotGenerateError as error:  # inputs only serve the check here: go on without
+            unverifiable = verify_mod.Verification("skipped", reason=str(error))
+    checker, verification = _checker(original, feeds if not unverifiable else None, options,
+                                     validity)
+    verification = unverifiable or verification
     passes = _build_passes(options)
     model = _upgrade_opset_for(passes, model, notes)
     model, runs, checked = pipeline.run_pipeline(model, passes, checker=checker,
@@ -216,7 +222,7 @@ class _Clock:
 
 def _checker(original: ir.Model, feeds, options: OptimizeOptions, validity):
     """(checker, None), or (a judge of validity alone, why verification is skipped)."""
-    if not options.verify:
+    if not options.verify or feeds is None:
         return pipeline.ValidityOnly(validity), None
     try:
         reference = verify_mod.reference_outputs(original, feeds)
@@ -300,7 +306,11 @@ def _stage_row(runs: list, name: str, is_kept: bool, result, verification):
 def _keep_if_not_slower(report: Report, original: ir.Model, model: ir.Model, feeds,
                         options: OptimizeOptions) -> ir.Model:
     """Time both; a rewrite measurably slower on any provider gives way to the original."""
-    bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
+    try:
+        bench_feeds = feeds[0] if feeds else load_feeds(original, options, [])[0]
+    except CannotGenerateError as error:
+        report.notes.append(f"timing skipped: {error}")
+        return model
     report.latency = _compare_latency(original, model, bench_feeds, options, report.notes)
     slower = [row.ep for row in report.latency if row.is_slower]
     if slower and not options.allow_slower:

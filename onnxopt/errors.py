@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["OnnxoptError", "BadInputError", "CheckFailedError", "first_line", "root_cause"]
+__all__ = ["OnnxoptError", "BadInputError", "CannotGenerateError", "CheckFailedError", "first_line",
+           "root_cause"]
 
 
 class OnnxoptError(Exception):
@@ -15,6 +16,11 @@ class BadInputError(OnnxoptError):
     """The user's file, flag or data is unusable (exit 2)."""
 
     exit_code = 2
+
+
+class CannotGenerateError(BadInputError):
+    """No input of this kind can be generated (a sequence, a map): where inputs only serve a
+    check, the run goes on unverified and says so; where they are needed, exit 2."""
 
 
 class CheckFailedError(OnnxoptError):

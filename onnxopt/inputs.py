@@ -7,7 +7,10 @@ size, axis 0 is split into batches of that size.
 Generated inputs use a fixed seed. Dynamic dims come from `--shape name:1,3,224,224`; a dim left
 unspecified is guessed (batch 1, others 32) and each guess is reported, because a guessed shape
 proves less than a declared one. Integer inputs that index a Gather (token ids, position ids)
-stay below the size of the gathered axis; `*mask*` inputs are all ones.
+stay below the size of the gathered axis; `*mask*` inputs are all ones. Every tensor type is
+generated: strings are words of a fixed vocabulary in mixed case, bfloat16/float8/int4 come from
+ml_dtypes (runtime.run hands them to ORT as OrtValues), and a declared 0 dim gives an empty
+tensor. Sequences, maps and optionals cannot be generated (CannotGenerateError).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, CannotGenerateError
 
 __all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "show_dims", "Feeds",
            "BatchLayout", "batch_layout", "take_batch"]
@@ -31,6 +34,11 @@ _GUESSED_BATCH = 1
 _GUESSED_DIM = 32
 # Ops that pass integer ids through unchanged on their way to a Gather.
 _ID_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+# Generated strings: words in several cases, with stop words and an empty string, so string ops
+# (StringNormalizer, Tokenizer, CategoryMapper) see the cases they exist for.
+_WORDS = ("monday", "Tuesday", "WEDNESDAY", "the", "a", "onnx", "Runtime", "", "x1", "héllo")
+# ml_dtypes' small types that numpy does not call integer
+_SMALL_INTEGERS = {"int2", "uint2", "int4", "uint4"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +55,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.is_initializer():
             continue
         if not isinstance(value.type, ir.TensorType):
-            raise BadInputError(
+            raise CannotGenerateError(
                 f"input {value.name!r} is a {value.type}, not a tensor; "
                 "onnxopt cannot generate it, and .npz files cannot hold it"
             )
@@ -131,16 +139,21 @@ def show_dims(dims) -> str:
 
 
 def _random_tensor(model: ir.Model, spec: InputSpec, shape, rng: np.random.Generator):
-    if spec.dtype == np.bool_:
+    dtype = spec.dtype
+    if dtype == np.bool_:
         return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison is a numpy scalar
-    if np.issubdtype(spec.dtype, np.integer):
+    if dtype == np.object_:  # ONNX strings
+        return np.asarray(rng.choice(np.array(_WORDS, dtype=object), size=shape), dtype=object)
+    if np.issubdtype(dtype, np.integer) or dtype.name in _SMALL_INTEGERS:
         if "mask" in spec.name.lower():
-            return np.ones(shape, dtype=spec.dtype)
+            return np.ones(shape, dtype=dtype)
         high = _gather_size(model, spec.name) or 2
-        return rng.integers(0, high, size=shape).astype(spec.dtype)
-    if np.issubdtype(spec.dtype, np.floating):
-        return rng.standard_normal(shape).astype(spec.dtype)
-    raise BadInputError(f"input {spec.name!r}: cannot generate {spec.dtype}; pass --inputs")
+        return rng.integers(0, high, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    if np.issubdtype(dtype, np.floating) or "float" in dtype.name:  # ml_dtypes' too
+        return np.asarray(rng.standard_normal(shape)).astype(dtype)
+    raise CannotGenerateError(f"input {spec.name!r}: cannot generate {dtype}; pass --inputs")
 
 
 def _gather_size(model: ir.Model, name: str) -> int | None:

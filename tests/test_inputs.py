@@ -79,3 +79,86 @@ def test_npz_axis0_is_split_into_the_models_fixed_batch(tmp_path):
     batches = inputs.load_npz(tmp_path / "rows.npz", model)
     assert [b["x"].shape for b in batches] == [(2, 3)] * 3
     assert batches[2]["x"][1, 2] == 17
+
+
+# ---------------------------------------------------------------------------------------------
+# Every tensor type is generated, so verification runs wherever ORT runs the original
+
+def cast_to_float_model(dtype: int, dims=(2, 3)):
+    nodes = [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return make_model(nodes, [value_info("x", list(dims), dtype)], [value_info("y", list(dims))],
+                      opset=21, ir_version=10)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.UINT16,
+                                   TensorProto.INT8, TensorProto.UINT64, TensorProto.BOOL,
+                                   TensorProto.FLOAT8E4M3FN, TensorProto.DOUBLE])
+def test_every_numeric_type_is_generated_and_verified(tmp_path, dtype):
+    import onnx
+
+    import onnxopt
+    from onnxopt import api
+
+    src = tmp_path / "cast.onnx"
+    onnx.save(cast_to_float_model(dtype), src)
+    [feeds] = inputs.generate(to_ir(onnx.load(src)), seed=3)
+    assert feeds["x"].shape == (2, 3)
+    assert feeds["x"].dtype == onnx.helper.tensor_dtype_to_np_dtype(dtype) or dtype in (
+        TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN)
+    _, report = onnxopt.optimize(src, tmp_path / "out.onnx", api.OptimizeOptions(bench=()))
+    assert report.verification.passed, report.verification.reason
+    assert report.verification.batches == 3
+
+
+def test_strings_and_empty_dims_are_generated():
+    model = to_ir(make_model([helper.make_node("Identity", ["s"], ["t"])],
+                             [value_info("s", [3, 0], TensorProto.STRING)],
+                             [value_info("t", [3, 0], TensorProto.STRING)]))
+    [feeds] = inputs.generate(model)
+    assert feeds["s"].shape == (3, 0) and feeds["s"].dtype == object
+    model = to_ir(make_model([helper.make_node("Identity", ["s"], ["t"])],
+                             [value_info("s", [64], TensorProto.STRING)],
+                             [value_info("t", [64], TensorProto.STRING)]))
+    words = inputs.generate(model, seed=1)[0]["s"]
+    assert len(set(words)) > 4 and any(w != w.lower() for w in words)  # cases differ
+
+
+def test_string_model_from_onnx_tests_optimizes_verified(tmp_path, capsys, monkeypatch):
+    """onnx's test_strnorm_model_* (StringNormalizer on a string tensor) used to exit 2 with
+    "cannot generate object"."""
+    import json
+    from pathlib import Path
+
+    import onnx
+    from helpers import invoke_cli
+
+    src = (Path(onnx.__file__).parent / "backend" / "test" / "data" / "simple" /
+           "test_strnorm_model_nostopwords_nochangecase" / "model.onnx")
+    code, _, err = invoke_cli(["optimize", src, "-o", tmp_path / "out.onnx", "--report",
+                               tmp_path / "r.json", "--bench-seconds", "0.2"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification"]["status"] == "passed"
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_a_sequence_input_goes_on_unverified(tmp_path, capsys, monkeypatch):
+    """No sequence can be generated: the rewrite still runs, held to validity, and says why it
+    is unverified (exit 0), instead of stopping at the inputs."""
+    import onnx
+    from helpers import invoke_cli
+
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("SequenceLength", ["xs"], ["n"]),
+                               helper.make_node("Identity", ["n"], ["y"])], "g", [seq],
+                              [value_info("y", [], TensorProto.INT64)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "seq.onnx")
+    code, stdout, err = invoke_cli(["optimize", tmp_path / "seq.onnx", "-o", tmp_path / "out.onnx",
+                                    "--bench-seconds", "0.2"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "not verified" in stdout and "xs" in stdout
+    assert [n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node] == [
+        "SequenceLength"]

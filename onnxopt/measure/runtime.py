@@ -52,6 +52,9 @@ def onnxruntime():
             "onnxruntime is not installed: pip install 'onnxopt[cpu]' "
             "(or 'onnxopt[gpu]' for CUDA; never both)"
         ) from None
+    # ORT's default logger prints multi-line errors (a session that fails to initialise, an EP
+    # that fails to register) on stderr; we report each as one line from the exception instead.
+    ort.set_default_logger_severity(4)
     return ort
 
 
@@ -75,7 +78,7 @@ def make_session(
     if name not in ort.get_available_providers():
         raise BadInputError(f"execution provider {ep!r} is not available: install {package}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures reach the user as one line (below)
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -110,6 +113,8 @@ def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
     names = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     if ep == "cpu":
+        feeds = ort_feeds(feeds)
+
         def run_plain():
             try:
                 return session.run(None, feeds)
@@ -136,6 +141,22 @@ def runner(session, feeds: Mapping[str, np.ndarray], ep: str = "cpu"):
         return kept
 
     return run_bound
+
+
+def ort_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """Feeds as ORT's Python API takes them: numpy arrays as they are, ml_dtypes' (bfloat16,
+    float8, int4), which ORT cannot map from numpy, as OrtValues of their ONNX type."""
+    if all(v.dtype.kind != "V" for v in feeds.values()):
+        return dict(feeds)
+    ort = onnxruntime()
+    converted = {}
+    for name, array in feeds.items():
+        if array.dtype.kind == "V":
+            onnx_type = ir.DataType.from_numpy(array.dtype).value
+            raw = np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}")
+            array = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_type)
+        converted[name] = array
+    return converted
 
 
 @functools.cache
@@ -177,7 +198,7 @@ def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
     overridable initializer (one that is also a graph input) is taken like an input."""
     names = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
     try:
-        values = session.run(None, {k: v for k, v in feeds.items() if k in names})
+        values = session.run(None, ort_feeds({k: v for k, v in feeds.items() if k in names}))
     except Exception as error:
         raise RuntimeFailure(f"ONNX Runtime failed to run the model: {first_line(error)}") from None
     return {o.name: v for o, v in zip(session.get_outputs(), values)}
