@@ -123,7 +123,10 @@ def _build_passes(options: OptimizeOptions) -> list[ir.passes.PassBase]:
     unknown = [n for n in (*options.passes, *options.skip) if n not in REGISTRY]
     if unknown:
         raise BadInputError(f"unknown pass {unknown[0]!r}; `onnxopt passes` lists them")
-    return [REGISTRY[name]() for name in options.passes if name not in options.skip]
+    names = list(options.passes)
+    if (options.int8 is not None or options.sparsity is not None) and "fold-weights" not in names:
+        names.append("fold-weights")  # their layers' weights must be initializers
+    return [REGISTRY[name]() for name in names if name not in options.skip]
 
 
 def optimize(
@@ -359,7 +362,8 @@ def sensitivity(
     model = io.load(path)
     _upgrade_ir(model, [])
     judge = pipeline.ValidityOnly(validity_mod.required_of(model))
-    model, _, _ = pipeline.run_pipeline(model, _build_passes(OptimizeOptions()), checker=judge)
+    passes = _build_passes(OptimizeOptions(passes=(*DEFAULT_PIPELINE, "fold-weights")))
+    model, _, _ = pipeline.run_pipeline(model, passes, checker=judge)
     data = sources.calibration_data(calib, model, preprocess=preprocess, samples=calib_samples,
                                     shapes=shapes)
     chosen = data.batches(0, batches)[:]

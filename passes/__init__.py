@@ -6,6 +6,7 @@ from onnxopt.passes._report import PassReport
 from onnxopt.passes.cleanup import CleanupOptions, CleanupPass
 from onnxopt.passes.equalize import EqualizeCrossLayerPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormOptions, FoldBatchNormPass
+from onnxopt.passes.fold_weights import FoldWeightsPass
 from onnxopt.passes.fuse_activations import FuseActivationsPass
 from onnxopt.passes.prune_channels import PruneChannelsOptions, PruneChannelsPass
 from onnxopt.passes.prune_weights import PruneWeightsOptions, PruneWeightsPass
@@ -20,12 +21,13 @@ __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNorm
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
             "SmoothActivationsPass", "SmoothActivationsOptions", "SplitOutliersPass",
             "SplitOutliersOptions", "PruneWeightsPass", "PruneWeightsOptions",
-            "PruneChannelsPass", "PruneChannelsOptions"]
+            "PruneChannelsPass", "PruneChannelsOptions", "FoldWeightsPass"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
     FoldBatchNormPass.name: FoldBatchNormPass,
     FuseActivationsPass.name: FuseActivationsPass,
+    FoldWeightsPass.name: FoldWeightsPass,  # `--int8` and `--sparsity` add it (their weights)
     EqualizeCrossLayerPass.name: EqualizeCrossLayerPass,
     QuantizeInt8Pass.name: QuantizeInt8Pass,
     QuantizeDynamicPass.name: QuantizeDynamicPass,

@@ -31,6 +31,7 @@ import onnx_ir.passes.common as common
 from onnxopt.passes._affine import Unit, find_unit, fold_after, replace
 from onnxopt.passes._fold_affine_ops import fold_affine_ops
 from onnxopt.passes._fold_before import fold_before
+from onnxopt.passes._weights import fold_weights
 from onnxopt.passes._graph import (
     NameSource,
     annotate_ranks,
@@ -73,6 +74,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         report = PassReport(model, modified=False)
         annotate_ranks(model)
         for graph in list(model.graphs()):  # functions have no initializers to fold into
+            _fold_computed_weights(graph, report)
             names = NameSource(graph)
             rewritten = []
             for bn in [n for n in graph if _is_onnx(n, "BatchNormalization")]:
@@ -158,6 +160,28 @@ def _restore_if_unfolded(graph, record: _MulAdd, report: PassReport) -> None:
                                     "faster than Mul+Add")
     report.counts["refused"] += 1
     report.modified = any(n for kind, n in report.counts.items() if kind != "refused")
+
+
+_LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_AFFINE = {"BatchNormalization", "Mul", "Add", "Sub", "Div"}
+
+
+def _fold_computed_weights(graph: ir.Graph, report: PassReport) -> None:
+    """The weights this pass folds into (a linear op next to a BN or a per-channel affine op,
+    and BN's own parameters) need their values: one computed from constants (the model zoo's
+    ConstantOfShape) becomes an initializer first (passes/_weights.py)."""
+    def next_to_affine(node: ir.Node) -> bool:
+        after = any(use.op_type in _AFFINE for out in node.outputs for use, _ in out.uses())
+        before = any(v is not None and v.producer() is not None
+                     and v.producer().op_type in _AFFINE for v in node.inputs[:1])
+        return after or before
+
+    wanted = [n for n in graph if n.domain in ("", "ai.onnx") and (
+        n.op_type == "BatchNormalization" or (n.op_type in _LINEAR and next_to_affine(n)))]
+    folded = fold_weights(graph, wanted)
+    if folded:
+        report.change("weight computed from constants", f"{len(folded)} weights computed from "
+                      f"constants became initializers (first: {folded[0]!r})", len(folded))
 
 
 def _is_onnx(node: ir.Node, op_type: str) -> bool:

@@ -15,6 +15,7 @@ from onnxopt.errors import BadInputError
 from onnxopt.passes import FuseActivationsPass
 from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
 from onnxopt.passes._graph import constant
+from onnxopt.passes._weights import computed_from_constants
 from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 from onnxopt.quant.options import Int8Options
 
@@ -31,8 +32,10 @@ def check_quantizable(model: ir.Model, source: str) -> None:
                 continue
             arrays = [constant(v) for v in node.inputs[:2]]
             floats = [a for a in arrays if a is not None and a.dtype.kind == "f"]
-            if node.op_type in ("Conv", "Gemm", "MatMul") and floats:
-                return
+            computed = [v for v in node.inputs[:2] if computed_from_constants(v)
+                        and (v.dtype is None or v.dtype.is_floating_point())]
+            if node.op_type in ("Conv", "Gemm", "MatMul") and (floats or computed):
+                return  # a computed weight is folded by the fold-weights pass first
             if node.op_type == "Gather" and arrays[0] is not None and \
                     arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
                 return
