@@ -32,6 +32,8 @@ __all__ = ["InputSpec", "input_specs", "generate", "load_npz", "parse_shape", "s
 Feeds = dict[str, np.ndarray]
 _GUESSED_BATCH = 1
 _GUESSED_DIM = 32
+# Largest generated input: 256 Mi elements (1 GiB of float32); a declared dim of 2**40 is a lie.
+MAX_GENERATED_ELEMENTS = 1 << 28
 # Ops that pass integer ids through unchanged on their way to a Gather.
 _ID_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 # Generated strings: words in several cases, with stop words and an empty string, so string ops
@@ -62,7 +64,11 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dims: tuple[int | str | None, ...] = ()
         if value.shape is not None:
             dims = tuple(_dim(d) for d in value.shape)
-        specs.append(InputSpec(value.name, value.dtype.numpy(), dims))
+        try:
+            dtype = value.dtype.numpy()
+        except (TypeError, AttributeError):  # UNDEFINED or no element type at all
+            raise CannotGenerateError(f"input {value.name!r} declares no element type") from None
+        specs.append(InputSpec(value.name, dtype, dims))
     return specs
 
 
@@ -101,6 +107,12 @@ def generate(
             f"--shape names {sorted(unknown)} are not model inputs; inputs: {[s.name for s in specs]}"
         )
     resolved = {s.name: _resolve_shape(s, shapes.get(s.name), warnings) for s in specs}
+    for spec in specs:
+        elements = int(np.prod(resolved[spec.name], dtype=np.float64))
+        if elements > MAX_GENERATED_ELEMENTS:
+            raise CannotGenerateError(
+                f"input {spec.name!r} of shape {show_dims(resolved[spec.name])} has {elements:.3g} "
+                f"elements, over the {MAX_GENERATED_ELEMENTS:.3g} onnxopt generates; pass --inputs")
     rng = np.random.default_rng(seed)
     return [
         {s.name: _random_tensor(model, s, resolved[s.name], rng) for s in specs}

@@ -9,6 +9,7 @@ the weights would not fit under protobuf's 2 GiB limit.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,8 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{path}: not an ONNX model (no ir_version or no graph in the file)")
     if len(proto.graph.node) == 0:
         raise BadInputError(f"{path}: the graph has no nodes; there is nothing to optimize or run")
+    _check_text(proto, path)
+    _check_tensor_sizes(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:  # onnx-ir's SerdeError: a type it cannot represent
@@ -59,13 +62,79 @@ def load(path: str | os.PathLike) -> ir.Model:
         # By path, so the checker resolves external data beside the model, not beside the cwd,
         # and models over 2 GB work.
         onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as error:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         # The checker's messages span lines ("input 'x' of node:\nname: relu OpType: Relu\n...");
         # fold them into the one line we print.
         text = " ".join(str(error).split())
         raise BadInputError(f"{path}: fails the ONNX checker: {text[:400]}") from None
     _check_opsets(proto, path)
     return model
+
+
+# Repeated numbers: never text, and large; not walked.
+_NUMBER_FIELDS = {"float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                  "raw_data", "floats", "ints"}
+
+
+def _check_text(proto: onnx.ModelProto, path: Path) -> None:
+    """Names, op types and metadata must be UTF-8 text. Protobuf hands back bytes where a
+    damaged byte broke that, and every later step (the checker, onnx-ir, saving) would trip over
+    them, so the file is refused here, naming the field."""
+    stack: list = [proto]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.name in _NUMBER_FIELDS:
+                continue
+            values = list(value) if _is_repeated(field) else [value]
+            if field.type == field.TYPE_STRING:
+                if any(not isinstance(v, str) for v in values):
+                    raise BadInputError(f"{path}: a {message.DESCRIPTOR.name}'s {field.name} is not "
+                                        "UTF-8 text; the file is damaged")
+            elif field.type == field.TYPE_MESSAGE:
+                stack.extend(values)
+
+
+_TYPED_FIELDS = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+                 onnx.TensorProto.INT32: "int32_data", onnx.TensorProto.INT64: "int64_data"}
+
+
+def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
+    """An initializer's data must hold as many elements as its dims say (the checker does not
+    look): raw bytes, typed fields and external lengths alike. Sub-byte types are left alone."""
+    for tensor in proto.graph.initializer:
+        count = math.prod(tensor.dims)
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):  # UNDEFINED, or a type numpy does not have
+            continue
+        if tensor.data_type == onnx.TensorProto.STRING or tensor.data_type in _SUB_BYTE:
+            continue
+        external = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            held = int(external["length"]) if external.get("length", "").isdigit() else None
+            need = count * itemsize
+        elif tensor.HasField("raw_data"):
+            held, need = len(tensor.raw_data), count * itemsize
+        elif tensor.data_type in _TYPED_FIELDS:
+            held, need = len(getattr(tensor, _TYPED_FIELDS[tensor.data_type])), count
+        else:
+            continue
+        if held is not None and held != need:
+            unit = "values" if tensor.data_type in _TYPED_FIELDS and not external and \
+                not tensor.HasField("raw_data") else "bytes"
+            raise BadInputError(f"{path}: initializer {tensor.name!r} has dims "
+                                f"{list(tensor.dims)} ({need} {unit}) but holds {held}; "
+                                "the file is damaged")
+
+
+_SUB_BYTE = {getattr(onnx.TensorProto, name) for name in
+             ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, name)}
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` is deprecated
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _unsupported(proto: onnx.ModelProto) -> str:

@@ -19,7 +19,10 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     input (a caller could override that), or a Constant node's output. Else None."""
     if value is None or value.is_graph_input():
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node (no value attribute, or two): not a constant
+        return None
     return None if tensor is None else tensor.numpy()
 
 
