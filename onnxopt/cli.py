@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -455,6 +456,9 @@ def _render_transfer(result) -> None:
 
 def main() -> None:
     """Console entry point: one line per error, never a traceback unless --debug."""
+    # numpy's RuntimeWarnings (overflow, NaN from a damaged weight) would add unexplained lines
+    # to the output; what matters of them reaches the report as numbers (NaN, SQNR, refusals).
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
         # Outside standalone mode typer returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)

@@ -207,6 +207,10 @@ def _batchnorm_affine(bn: ir.Node, opset: int) -> tuple[np.ndarray, np.ndarray] 
     gamma, beta, mean, var = params
     # epsilon is stored as float32; ORT adds that float32 value, so use it exactly.
     epsilon = float(np.float32(bn.attributes.get_float("epsilon", 1e-5)))
+    if not all(np.isfinite(p).all() for p in params):
+        return "a parameter holds NaN or Inf"
+    if not (var + epsilon > 0).all():  # a damaged or hand-made model: sqrt would give NaN
+        return "variance + epsilon is not positive everywhere"
     scale = gamma / np.sqrt(var + epsilon)
     return scale, beta - mean * scale
 
