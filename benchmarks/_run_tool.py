@@ -1,6 +1,7 @@
 """Run one optimizer on one model in its own process, so its time and peak memory are its own.
 
     python benchmarks/_run_tool.py RESULT.json onnxsim|onnxslim|onnxoptimizer IN.onnx OUT.onnx
+    python benchmarks/_run_tool.py RESULT.json ort-quantize-dynamic IN.onnx OUT.onnx
     python benchmarks/_run_tool.py RESULT.json onnxopt optimize IN.onnx -o OUT.onnx ...
 
 `onnxopt` runs the real CLI entry point (`onnxopt.cli.main`, what the console script calls) with
@@ -13,6 +14,7 @@ no good here: Linux carries the parent's RSS across fork/vfork + exec into it.)
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -58,6 +60,16 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
+def _save(model: onnx.ModelProto, dst: str) -> None:
+    """Past protobuf's 2 GiB a model must keep its weights in an external file."""
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights < (1 << 31) - (1 << 27):
+        onnx.save(model, dst)
+    else:
+        onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=os.path.basename(dst) + ".data")
+
+
 def _run_onnxopt_cli(args: list[str]) -> int:
     from onnxopt import cli
 
@@ -75,10 +87,15 @@ def main(result_path: str, tool: str, *args: str) -> None:
     try:
         if tool == "onnxopt":
             result["exit_code"] = _run_onnxopt_cli(list(args))
+        elif tool == "ort-quantize-dynamic":  # by path: it reads and writes external data itself
+            from onnxruntime.quantization import quantize_dynamic
+
+            src, dst = args
+            quantize_dynamic(src, dst, use_external_data_format=True)
         else:
             src, dst = args
             model, detail = TOOLS[tool](onnx.load(src))
-            onnx.save(model, dst)
+            _save(model, dst)
             result["detail"] = detail
     except BaseException as error:  # report every failure, including SystemExit from a library
         lines = str(error).strip().splitlines()

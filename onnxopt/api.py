@@ -149,7 +149,8 @@ def optimize(
     original_stats = stats.model_stats(model, path, shapes=options.shapes)
     notes: list[str] = []
     _upgrade_ir(model, notes)
-    validity = validity_mod.required_of(model)  # what every output is held to
+    # What every output is held to; the ONNX Runtime level is settled by _checker.
+    validity = validity_mod.required_of(model, load=False)
     model, transferred = _transfer_first(model, options, say, validity)
     if options.int8 is not None:  # before any work: --int8 on a model it cannot touch is an error
         int8.check_quantizable(model, str(src) if path else "the model")
@@ -162,8 +163,8 @@ def optimize(
             feeds = list(feeds) if feeds is not None else load_feeds(model, options, notes)
         except CannotGenerateError as error:  # inputs only serve the check here: go on without
             unverifiable = verify_mod.Verification("skipped", reason=str(error))
-    checker, verification = _checker(original, feeds if not unverifiable else None, options,
-                                     validity)
+    checker, verification, validity = _checker(original, feeds if not unverifiable else None,
+                                               options, validity, notes)
     verification = unverifiable or verification
     passes = _build_passes(options)
     model = _upgrade_opset_for(passes, model, notes)
@@ -183,7 +184,8 @@ def optimize(
     int8_summary = None
     if options.int8 is not None:
         before, verified = model, verification
-        model, verification, int8_summary = _int8(model, verification, runs, options, feeds,
+        known = checker.reference if isinstance(checker, pipeline.Checker) else None
+        model, verification, int8_summary = _int8(model, verification, runs, options, feeds, known,
                                                   notes, say)
         model, verification = _undo_if_invalid(runs, validity, (before, verified),
                                                (model, verification))
@@ -223,17 +225,39 @@ class _Clock:
         return self.seconds
 
 
-def _checker(original: ir.Model, feeds, options: OptimizeOptions, validity):
-    """(checker, None), or (a judge of validity alone, why verification is skipped)."""
-    if not options.verify or feeds is None:
-        return pipeline.ValidityOnly(validity), None
-    try:
-        reference = verify_mod.reference_outputs(original, feeds)
-    except runtime.RuntimeFailure as error:
-        return pipeline.ValidityOnly(validity), verify_mod.Verification(
-            "skipped", reason=f"the original does not run on these inputs: {error}")
-    floor = verify_mod.noise_floor(original, reference, feeds)
-    return pipeline.Checker(feeds, reference, options.tolerance, floor, validity), None
+def _checker(original: ir.Model, feeds, options: OptimizeOptions, validity, notes: list[str]):
+    """(the judge of every pass, why verification is skipped or None, the validity levels with
+    the ONNX Runtime one settled): the reference run proves the original loads, so no session
+    is made for that alone when there is one."""
+    skipped = None
+    if options.verify and feeds is not None:
+        try:
+            reference = verify_mod.reference_outputs(original, feeds)
+        except runtime.RuntimeFailure as error:
+            skipped = verify_mod.Verification(
+                "skipped", reason=f"the original does not run on these inputs: {error}")
+        else:
+            validity = dataclasses.replace(validity, loads=True)
+            floor = verify_mod.noise_floor(original, reference, feeds)
+            return (pipeline.Checker(feeds, reference, options.tolerance, floor, validity), None,
+                    validity)
+    validity = dataclasses.replace(validity, loads=_loads(original, options, notes))
+    return pipeline.ValidityOnly(validity), skipped, validity
+
+
+# Over this, --no-verify also skips the ORT load check of the guard: a session holds every weight.
+LOAD_CHECK_BYTES = 1 << 28
+
+
+def _loads(model: ir.Model, options: OptimizeOptions, notes: list[str]) -> bool:
+    """Whether outputs must load in ONNX Runtime: when the original does, unless --no-verify on
+    a big model, where a session holding every weight would break the memory bound."""
+    if not options.verify and io.weight_bytes(model) > LOAD_CHECK_BYTES:
+        notes.append(f"the output is not loaded in ONNX Runtime to check it: with --no-verify a "
+                     f"model over {LOAD_CHECK_BYTES >> 20} MiB keeps memory bounded instead "
+                     "(the ONNX checker still runs)")
+        return False
+    return not validity_mod.load_problem(model)
 
 
 def _undo_if_invalid(runs: list, validity, before: tuple, after: tuple):
@@ -267,11 +291,20 @@ def _kernels_summary(result: int8.Int8Result) -> str:
     return summary if result.is_quantized else f"the int8 model (not kept): {summary}"
 
 
-def _int8(model, verification, runs, options: OptimizeOptions, feeds, notes, say):
-    """Run --int8 on the exactly rewritten model: (model, verification, report summary)."""
-    if not feeds and options.int8.calib is None:
-        feeds = load_feeds(model, options, notes)  # dynamic int8 judges its budget on these
-    result = int8.quantize(model, options.int8, notes, feeds=feeds, progress=say)
+def _int8(model, verification, runs, options: OptimizeOptions, feeds, reference, notes, say):
+    """Run --int8 on the exactly rewritten model: (model, verification, report summary).
+    `reference`: the original's outputs on `feeds` where verification has them (dynamic int8
+    judges against those instead of running the float model once more)."""
+    stage = options.int8
+    if not options.verify and stage.calib is None and stage.mode in ("auto", "dynamic") \
+            and stage.target == "ort-cpu":
+        say("dynamic int8 of MatMul/Gemm weights (--no-verify: unjudged)")
+        result = int8.quantize_unjudged(int8.named(model), stage, notes)
+    else:
+        if not feeds and stage.calib is None:
+            feeds, reference = load_feeds(model, options, notes), None  # the budget's inputs
+        result = int8.quantize(model, stage, notes, feeds=feeds, progress=say,
+                               reference=reference if stage.calib is None else None)
     # The row names the pass whose model was kept (auto mode may end with dynamic int8).
     name = "quantize-dynamic" if result.mode == "dynamic" else "quantize-int8"
     verification = _stage_row(runs, name, result.is_quantized, result, verification)

@@ -8,6 +8,7 @@ the weights would not fit under protobuf's 2 GiB limit.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -21,7 +22,8 @@ import onnx_ir as ir
 
 from onnxopt.errors import BadInputError, root_cause
 
-__all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "PROTOBUF_LIMIT"]
+__all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "release_external",
+           "spill", "PROTOBUF_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +193,41 @@ def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                 attr = node.attributes.get("value")
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
                     yield attr.as_tensor()
+
+
+def spill(model: ir.Model) -> None:
+    """Move `model`'s in-memory weights out of memory, in place: each is written to a temporary
+    external-data file (removed when the process ends) and becomes an ExternalTensor read back
+    on demand, so a big rewritten model (int8 weights) does not sit in memory while ONNX Runtime
+    sessions run beside it. Every reference to the model sees the change."""
+    folder = Path(tempfile.mkdtemp(prefix="onnxopt-spill-"))
+    atexit.register(shutil.rmtree, folder, True)
+    offset = 0
+    with open(folder / "weights.bin", "wb") as sink:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if (tensor is None or isinstance(tensor, ir.ExternalTensor)
+                        or tensor.nbytes < EXTERNAL_TENSOR_MIN_BYTES):
+                    continue
+                raw = tensor.tobytes()
+                sink.write(raw)
+                value.const_value = ir.ExternalTensor(
+                    "weights.bin", offset, len(raw), tensor.dtype, shape=tensor.shape,
+                    name=tensor.name or value.name, base_dir=str(folder))
+                offset += len(raw)
+                del raw, tensor
+
+
+def release_external(model: ir.Model) -> None:
+    """Unmap every external tensor's file: pages a pass read stay resident (and count in the
+    process's memory) until the mapping goes; the next read maps them again, tensor by tensor."""
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:  # a pass still holds a view of it: it stays mapped
+                pass
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -139,6 +139,7 @@ def _run(model, passes, checker, on_pass, *, careful: bool) -> tuple[ir.Model, l
             continue
         run.seconds = time.perf_counter() - start
         model = result.model
+        io.release_external(model)  # what the pass read of big weights leaves the memory
         run.modified = result.modified
         if isinstance(result, PassReport):
             run.log, run.counts = list(result.log), dict(result.counts)

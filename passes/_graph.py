@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 __all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version", "annotate_ranks",
-           "rank_of", "new_initializer"]
+           "rank_of", "new_initializer", "release", "tensor_chunks"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -24,6 +24,39 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     except ValueError:  # a malformed Constant node (no value attribute, or two): not a constant
         return None
     return None if tensor is None else tensor.numpy()
+
+
+def release(value: ir.Value | None) -> None:
+    """Unmap an external tensor's file once a pass has read what it needs (its pages would stay
+    resident); a later read maps it again. Still-referenced data (BufferError) stays mapped."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
+
+
+CHUNK_BYTES = 1 << 26
+
+
+def tensor_chunks(tensor: ir.TensorProtocol, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """A tensor's bytes, `size` at a time: an external one read from its file (not mapped, so
+    no page stays resident), an in-memory one sliced."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with open(tensor.path, "rb") as source:
+            source.seek(tensor.offset or 0)
+            left = tensor.length if tensor.length is not None else tensor.nbytes
+            while left > 0:
+                chunk = source.read(min(size, left))
+                if not chunk:
+                    raise OSError(f"external data of {tensor.name!r} ends early")
+                left -= len(chunk)
+                yield chunk
+        return
+    flat = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, size):
+        yield flat[start:start + size].tobytes()
 
 
 def describe(node: ir.Node) -> str:

@@ -20,12 +20,13 @@ folded constants are computed by the reference evaluator instead of ORT.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes._graph import all_graphs, constant, describe, opset_version
+from onnxopt.passes._graph import all_graphs, constant, describe, opset_version, tensor_chunks
 from onnxopt.passes._report import PassReport
 
 __all__ = ["CleanupOptions", "CleanupPass"]
@@ -83,13 +84,55 @@ class CleanupPass(ir.passes.InPlacePass):
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
         _counted(report, model, "removed", common.RemoveUnusedFunctionsPass())
         _make_contiguous(model)
-        _counted(report, model, "merged",
-                 common.DeduplicateHashedInitializersPass(self.options.deduplicate_limit))
+        _counted(report, model, "merged", _DeduplicateInitializers(self.options.deduplicate_limit))
         _counted(report, model, "removed", common.RemoveUnusedNodesPass())
         if self.options.strip_node_metadata:
             _strip_node_metadata(model, report)
         common.TopologicalSortPass()(model)  # order only; not a change worth reporting
         return report
+
+
+class _DeduplicateInitializers(ir.passes.InPlacePass):
+    """onnx-ir's DeduplicateHashedInitializersPass, reading tensors in chunks (an external one
+    from its file, not mapped), so a multi-GB model's weights never sit in memory. Only tensors
+    whose dtype and shape another tensor shares are read at all."""
+
+    def __init__(self, size_limit: int):
+        super().__init__()
+        self.size_limit = size_limit
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in model.graphs():
+            candidates: dict[tuple, list[ir.Value]] = {}
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or value.is_graph_input() or tensor.nbytes > self.size_limit:
+                    continue
+                candidates.setdefault((tensor.dtype, tuple(tensor.shape.numpy())), []).append(value)
+            kept: dict[tuple, ir.Value] = {}
+            for key, values in candidates.items():
+                for value in values if len(values) > 1 else ():
+                    digest = (*key, _digest(value.const_value))
+                    first = kept.get(digest)
+                    if first is None:
+                        kept[digest] = value
+                    elif _same_bytes(first.const_value, value.const_value):
+                        value.replace_all_uses_with(first)
+                        graph.initializers.pop(value.name)
+                        modified = True
+        return ir.passes.PassResult(model=model, modified=modified)
+
+
+def _digest(tensor: ir.TensorProtocol) -> str:
+    digest = hashlib.sha512()
+    for chunk in tensor_chunks(tensor):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    return all(x == y for x, y in zip(tensor_chunks(a), tensor_chunks(b), strict=True))
 
 
 def _make_contiguous(model: ir.Model) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes import _gather, _qdq
-from onnxopt.passes._graph import NameSource, constant, describe, new_initializer
+from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, release
 from onnxopt.passes._report import PassReport
 
 __all__ = ["QuantizeDynamicOptions", "QuantizeDynamicPass"]
@@ -86,12 +86,15 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         for graph in graphs:
             cache: dict = {}  # per graph: an int8 weight must live where all its readers see it
             for node in list(graph):
+                weight = node.inputs[1] if len(node.inputs) > 1 else None
                 site = self._site(node, dtypes)
                 if isinstance(site, str):
                     report.refuse(f"kept {describe(node)}: {site}")
                 elif site is not None:
                     detail = self._rewrite(graph, names, site, cache)
                     report.change("quantized", f"quantized {describe(node)}: {detail}")
+                del site  # its view of the float weight, so that the mapping can go
+                release(weight)  # one float weight resident at a time
             _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)

@@ -82,7 +82,7 @@ def test_a_pass_that_breaks_the_checker_is_undone_and_named(tmp_path, monkeypatc
 
 def test_a_stage_that_writes_an_invalid_model_is_undone(tmp_path, monkeypatch):
     """A lossy stage (int8 here) is held to validity after its own budget: its row says why."""
-    def broken_int8(model, verification, runs, options, feeds, notes, say):
+    def broken_int8(model, verification, runs, options, feeds, reference, notes, say):
         broken = model.clone()
         BreakCheckerPass()(broken)
         runs.append(pipeline.PassRun("quantize-int8", modified=True))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import os
 import tempfile
@@ -178,19 +180,84 @@ def model_file(model: ir.Model) -> Iterator[str | bytes]:
     """The model as ORT takes it: serialized bytes, or a temporary file when it is large or its
     weights are external (bytes cannot point at external data)."""
     if io.external_files(model) or io.weight_bytes(model) > _BYTES_LIMIT:
-        with tempfile.TemporaryDirectory(prefix="onnxopt-run-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-run-", dir=_beside(model)) as tmp:
             path = Path(tmp) / "model.onnx"
-            io.save(model, path)
+            if not _linked(model, path):
+                io.save(model, path)
             yield str(path)
     else:
         yield ir.to_proto(model).SerializeToString()
 
 
+def _beside(model: ir.Model) -> str | None:
+    """The folder of the model's first data file when it is writable (hard links cannot cross
+    file systems), else None: the system's temporary folder."""
+    files = sorted(io.external_files(model))
+    return str(files[0].parent) if files and os.access(files[0].parent, os.W_OK) else None
+
+
+def _linked(model: ir.Model, path: Path) -> bool:
+    """Write `model` to `path` with its external tensors left where they are: each data file is
+    hard-linked beside `path` under the location the tensor names (ORT and the checker refuse
+    symbolic links that leave the model's folder), so a multi-GB model that a pass did not
+    change costs no copy of its weights. False when that cannot be done (another file system,
+    in-memory tensors past protobuf's limit, two files claiming one location): the caller
+    then writes a full copy."""
+    inline = sum(t.nbytes for t in io.iter_tensors(model) if not isinstance(t, ir.ExternalTensor))
+    if inline > _BYTES_LIMIT:
+        return False
+    links: dict[str, Path] = {}
+    for tensor in io.iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            target = Path(tensor.path).resolve()
+            if links.setdefault(tensor.location, target) != target:
+                return False
+    try:
+        for location, target in links.items():
+            link = path.parent / location
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.link(target, link)
+    except OSError:  # another device, or links not allowed there
+        return False
+    import onnx
+
+    onnx.save(ir.to_proto(model), str(path))
+    return True
+
+
 @contextlib.contextmanager
 def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
-    """A session for an in-memory model; `kwargs` go to make_session."""
-    with model_file(model) as source:
-        yield make_session(source, **kwargs)
+    """A session for an in-memory model; `kwargs` go to make_session. Once it closes, the
+    memory it freed goes back to the system (see release_memory)."""
+    try:
+        with model_file(model) as source:
+            session = make_session(source, **kwargs)
+            del source  # serialized bytes of a small model: not kept alive by the session
+            yield session
+    finally:
+        session = None
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system: glibc keeps what a session or a serialized
+    model freed for reuse, so the process's resident memory would stay at its peak and the
+    next session would come on top of it. A no-op where glibc is absent."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (present in glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
 
 
 def run(session, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:

@@ -50,11 +50,12 @@ class Validity:
         return ", ".join(met) or "nothing (the input fails the checker and ONNX Runtime)"
 
 
-def required_of(model: ir.Model) -> Validity:
-    """The levels `model` (the input) meets."""
+def required_of(model: ir.Model, *, load: bool = True) -> Validity:
+    """The levels `model` (the input) meets. `load=False` leaves ONNX Runtime out: a session
+    holds all the weights in memory, which a big model run with --no-verify must not pay."""
     full = not checker_problem(model, full=True)
     check = full or not checker_problem(model, full=False)
-    return Validity(full=full, check=check, loads=not load_problem(model))
+    return Validity(full=full, check=check, loads=load and not load_problem(model))
 
 
 def checker_problem(model: ir.Model, *, full: bool = False) -> str:

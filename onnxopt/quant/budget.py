@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from onnxopt.measure import budget
 from onnxopt.measure.budget import (
+    ONE_SESSION_BYTES,
     Budget,
     Outcome,
     Trial,
@@ -17,7 +18,7 @@ from onnxopt.measure.budget import (
     slower,
 )
 
-__all__ = ["Budget", "Outcome", "fall_back", "latency_ratio", "longest_prefix", "parse_budget",
+__all__ = ["ONE_SESSION_BYTES", "Budget", "Outcome", "fall_back", "latency_ratio", "longest_prefix", "parse_budget",
            "quantized_layers", "slower"]
 
 _QUANTIZED = re.compile(r"^quantized '(.+?)' \(")

@@ -14,19 +14,28 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.errors import BadInputError
-from onnxopt.measure import verify
+from onnxopt.measure import runtime, verify
 from onnxopt.passes import QuantizeDynamicOptions, QuantizeDynamicPass, _qdq, quantize_int8
 from onnxopt.quant import smoothing
-from onnxopt.quant.budget import Budget, Outcome, fall_back, quantized_layers, slower
+from onnxopt.quant.budget import (
+    ONE_SESSION_BYTES,
+    Budget,
+    Outcome,
+    fall_back,
+    quantized_layers,
+    slower,
+)
 from onnxopt.quant.options import Int8Options, Int8Result, keep_float_names, kept_float
 
-__all__ = ["quantize_dynamic"]
+__all__ = ["quantize_dynamic", "quantize_unjudged"]
 
 
 def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: list[str], *,
                      progress: Callable[[str], None], after_static: bool = False,
-                     calib_batches: list | None = None) -> Int8Result:
+                     calib_batches: list | None = None,
+                     reference: list | None = None) -> Int8Result:
     """Calibration-free: MatMul/Gemm weights int8 per column, activations quantized at run time
     (ORT's DynamicQuantizeMatMul); judged by the budget on `feeds`, and kept only if faster.
     With `calib_batches`, SmoothQuant is tried as well (per-channel activation ranges)."""
@@ -34,8 +43,10 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     if not feeds:
         raise BadInputError("dynamic int8 needs inputs to judge the accuracy budget: drop "
                             "--no-verify, or pass --inputs")
-    variants = _dynamic_variants(model, options, feeds, calib_batches, notes)
+    variants = _dynamic_variants(model, options, feeds, calib_batches, notes, reference)
     chosen, outcome = _chosen_variant(variants, notes, progress)
+    del variants  # the int8 copies not chosen: a big model's speed check needs the memory
+    runtime.release_memory()
     reduce_range = chosen.reduce_range
     quantized, report, checked = outcome.model, outcome.report, outcome.verification
     holds, why = outcome.holds, outcome.why
@@ -64,6 +75,30 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
                       mode="dynamic")
 
 
+def quantize_unjudged(model: ir.Model, options: Int8Options, notes: list[str]) -> Int8Result:
+    """`--int8 --no-verify` without calibration data: every eligible MatMul/Gemm weight int8,
+    and nothing run. The budget and the speed check each need an ONNX Runtime session holding
+    the float model, which a multi-GB model cannot afford next to its int8 copy; the user
+    turned checking off, so the weights are quantized one at a time and the report says that
+    neither ran. Weights are 8-bit unless --reduce-range says otherwise."""
+    quantized = model.clone()  # shares the float tensors; the pass adds int8 ones
+    report = QuantizeDynamicPass(QuantizeDynamicOptions(
+        reduce_range=bool(options.reduce_range), clip_weights=options.clip_weights,
+        exclude=keep_float_names(model, options)))(quantized)
+    io.release_external(model)
+    if not report.counts.get("quantized"):
+        notes.append("int8 (dynamic): no MatMul/Gemm with a large constant weight; kept float")
+        checked = verify.Verification("skipped", reason="no MatMul/Gemm for dynamic int8")
+        return Int8Result(model, False, checked, {}, 0, list(report.log), dict(report.counts),
+                          mode="dynamic")
+    notes.append("--no-verify: dynamic int8 was applied unjudged: no accuracy budget and no "
+                 "speed check ran (each needs ONNX Runtime sessions); drop --no-verify to have "
+                 "both")
+    checked = verify.Verification("skipped", reason="--no-verify: the int8 budget was not judged")
+    return Int8Result(quantized, True, checked, {}, 0, list(report.log), dict(report.counts),
+                      mode="dynamic")
+
+
 @dataclasses.dataclass
 class _Variant:
     """One way to quantize dynamically: its best weight width and its all-int8 outcome."""
@@ -79,7 +114,8 @@ SMOOTH, SPLIT = "SmoothQuant", "outlier split"
 
 
 def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
-                      calib_batches: list | None, notes: list[str]) -> list[_Variant]:
+                      calib_batches: list | None, notes: list[str],
+                      reference: list | None = None) -> list[_Variant]:
     """The plain variant and, with calibration data, the same after SmoothQuant, after the
     outlier split, and after both: per-tensor activation scales lose the small channels next to
     a few outlier ones; SmoothQuant moves the outliers into the weights, the split computes the
@@ -89,7 +125,8 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
     and with activations quantized per call the balance differs per model (MiniLM: cosine 0.96
     at 8 bits, 0.72 at 7), so unless told, each variant keeps the closer of the two widths.
     --smooth/--split-outliers keep only the variants with (or without) that rewrite."""
-    reference = verify.reference_outputs(model, feeds)
+    if reference is None:  # else: the original's outputs on these feeds, already run
+        reference = verify.reference_outputs(model, feeds)
     choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
     kept = keep_float_names(model, options)
 
@@ -223,6 +260,10 @@ class _DynamicTrial:
         report = QuantizeDynamicPass(QuantizeDynamicOptions(
             reduce_range=self.reduce_range, clip_weights=self.clip_weights,
             exclude=self.kept + exclude, dtypes=self.dtypes))(model)
+        io.release_external(self.base)  # the float weights it read: one mapping at a time
+        if io.weight_bytes(self.base) > ONE_SESSION_BYTES:
+            io.spill(model)  # to a file: ORT reads it from there, no serialized copies in memory
+            runtime.release_memory()
         checked, holds, why = self.budget.judge(model, self.reference[:batches],
                                                 self.feeds[:batches])
         return Outcome(model, report, checked, holds, why, exclude)

@@ -43,7 +43,7 @@ from onnxopt.quant.budget import (
     quantized_layers,
     slower,
 )
-from onnxopt.quant.dynamic import quantize_dynamic
+from onnxopt.quant.dynamic import quantize_dynamic, quantize_unjudged
 from onnxopt.quant.options import (
     CLIP_WEIGHTS,
     METHODS,
@@ -78,6 +78,7 @@ __all__ = [
     "parse_budget",
     "quantize",
     "quantize_dynamic",
+    "quantize_unjudged",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def quantize(
     *,
     feeds: list | None = None,
     progress: Callable[[str], None] | None = None,
+    reference: list | None = None,
 ) -> Int8Result:
     """Static int8 from calibration data, or dynamic int8 without it (see Int8Options.mode);
     `feeds` judge the dynamic model's budget (static holds out calibration batches)."""
@@ -108,7 +110,8 @@ def quantize(
             raise BadInputError("--target tensorrt needs static int8: pass --calib DATA "
                                 "(TensorRT has no dynamic int8)")
         if options.calib is None:
-            return quantize_dynamic(model, options, feeds or [], notes, progress=say)
+            return quantize_dynamic(model, options, feeds or [], notes, progress=say,
+                                    reference=reference)
         calib_batches, check_batches = split_data(model, options, notes)
         return quantize_dynamic(model, options, check_batches, notes, progress=say,
                                 calib_batches=calib_batches)

@@ -14,7 +14,6 @@ from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
 from onnxopt.passes import FuseActivationsPass
 from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
-from onnxopt.passes._graph import constant
 from onnxopt.passes._weights import computed_from_constants
 from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 from onnxopt.quant.options import Int8Options
@@ -30,20 +29,33 @@ def check_quantizable(model: ir.Model, source: str) -> None:
         for node in graph:
             if node.domain not in ("", "ai.onnx"):
                 continue
-            arrays = [constant(v) for v in node.inputs[:2]]
-            floats = [a for a in arrays if a is not None and a.dtype.kind == "f"]
+            sizes = [_float_constant_size(v) for v in node.inputs[:2]]
             computed = [v for v in node.inputs[:2] if computed_from_constants(v)
                         and (v.dtype is None or v.dtype.is_floating_point())]
-            if node.op_type in ("Conv", "Gemm", "MatMul") and (floats or computed):
+            if node.op_type in ("Conv", "Gemm", "MatMul") and (
+                    any(size is not None for size in sizes) or computed):
                 return  # a computed weight is folded by the fold-weights pass first
-            if node.op_type == "Gather" and arrays[0] is not None and \
-                    arrays[0].dtype.kind == "f" and arrays[0].size >= MIN_TABLE_ELEMENTS:
+            if node.op_type == "Gather" and (sizes[0] or 0) >= MIN_TABLE_ELEMENTS:
                 return
     transposed = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
     extra = (f"; its {transposed} ConvTranspose stay float ({CONV_TRANSPOSE_FLOAT})"
              if transposed else "")
     raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
                         f"with a constant float weight, no large embedding table{extra}")
+
+
+def _float_constant_size(value: ir.Value | None) -> int | None:
+    """The element count of a float constant, from its metadata: a multi-GB model's weights
+    are not read just to see that they exist."""
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node
+        return None
+    if tensor is None or not tensor.dtype.is_floating_point():
+        return None
+    return tensor.size
 
 
 def named(model: ir.Model) -> ir.Model:

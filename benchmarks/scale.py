@@ -1,0 +1,148 @@
+"""Scale: a multi-GB model through onnxopt and its peers, time and peak memory side by side.
+
+    python benchmarks/scale.py                         # ~2.4 GB MLP, 6 runs, ~6 min on 2 cores
+    python benchmarks/scale.py --blocks 12 --ffn 24576 # ~4.8 GB
+
+Builds an MLP with external data (`--blocks` blocks of MatMul+Add+Relu+MatMul+Add, hidden
+`--hidden`, feed-forward `--ffn`, float32 weights drawn with numpy's fixed seed 0, announced),
+then runs each tool in its own process (benchmarks/_run_tool.py: wall time, and peak RSS as the
+process's VmHWM) one after another: onnxopt's exact pipeline with --no-verify and with
+verification, onnxopt --int8 (calibration-free, dynamic) with --no-verify and verified (its
+accuracy budget and speed check), onnx-simplifier, and ONNX Runtime's quantize_dynamic. Ratios are against the model's weight bytes. Issue 16's targets:
+peak RSS <= 0.5x the model with --no-verify and <= 1.2x with verification, >= 3x faster than
+onnx-simplifier. Results: benchmarks/results/scale-DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {
+    "onnxopt lossless --no-verify": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                     "none", "-q", "--no-verify"],
+    "onnxopt lossless (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                    "none", "-q"],
+    "onnxopt --int8 --no-verify": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                   "none", "-q", "--int8", "--no-verify"],
+    "onnxopt --int8 (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                  "none", "-q", "--int8"],
+    "onnx-simplifier": ["onnxsim", "{src}", "{dst}"],
+    "ORT quantize_dynamic": ["ort-quantize-dynamic", "{src}", "{dst}"],
+}
+
+
+def build(path: Path, blocks: int, hidden: int, ffn: int) -> int:
+    """The MLP, written tensor by tensor into one external-data file; returns weight bytes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    data = path.with_name(path.name + ".data")
+    nodes, inits, offset, x = [], [], 0, "x"
+    with open(data, "wb") as sink:
+        def weight(name, shape):
+            nonlocal offset
+            array = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+            sink.write(array.tobytes())
+            tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)),
+                               ("length", str(array.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += array.nbytes
+            inits.append(tensor)
+
+        for b in range(blocks):
+            weight(f"w1_{b}", (hidden, ffn))
+            weight(f"b1_{b}", (ffn,))
+            weight(f"w2_{b}", (ffn, hidden))
+            weight(f"b2_{b}", (hidden,))
+            nodes += [helper.make_node("MatMul", [x, f"w1_{b}"], [f"h{b}"]),
+                      helper.make_node("Add", [f"h{b}", f"b1_{b}"], [f"a{b}"]),
+                      helper.make_node("Relu", [f"a{b}"], [f"r{b}"]),
+                      helper.make_node("MatMul", [f"r{b}", f"w2_{b}"], [f"m{b}"]),
+                      helper.make_node("Add", [f"m{b}", f"b2_{b}"], [f"y{b}"])]
+            x = f"y{b}"
+    graph = helper.make_graph(
+        nodes, "scale_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, hidden])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 16, hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return offset
+
+
+def run(name: str, argv: list[str], src: Path, work: Path) -> dict:
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    result_file = work / "result.json"
+    args = [a.format(src=src, dst=out / "model.onnx") for a in argv]
+    tool = "onnxopt" if args[0] == "onnxopt" else args[0]
+    rest = args[1:]
+    child = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_run_tool.py"),
+                            str(result_file), tool, *rest], capture_output=True, text=True)
+    result = json.loads(result_file.read_text()) if result_file.exists() else {
+        "error": child.stderr.strip().splitlines()[-1:] or ["no result"], "exit_code": -1}
+    result["output_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1) \
+        if out.exists() else None
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=12288)
+    parser.add_argument("--runs", help="comma-separated subset of: " + ", ".join(RUNS))
+    parser.add_argument("--work", help="folder for the model and outputs (default: a temp dir)")
+    parser.add_argument("--json", help="default: benchmarks/results/scale-DATE.json")
+    args = parser.parse_args(argv)
+    chosen = [r.strip() for r in args.runs.split(",")] if args.runs else list(RUNS)
+    work = Path(args.work or tempfile.mkdtemp(prefix="onnxopt-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "mlp.onnx"
+    print(f"building {src} (random weights, numpy seed 0) ...", flush=True)
+    weight_bytes = build(src, args.blocks, args.hidden, args.ffn)
+    model_mb = weight_bytes / 1e6
+    print(f"model: {model_mb:.0f} MB of weights", flush=True)
+    results = {}
+    for name in chosen:
+        print(f"{name} ...", flush=True)
+        result = run(name, RUNS[name], src, work)
+        result["rss_vs_model"] = (round(result["peak_rss_mb"] * 1e6 / weight_bytes, 3)
+                                  if result.get("peak_rss_mb") else None)
+        results[name] = result
+        print(f"  {result.get('seconds', 0):.1f} s, peak RSS {result.get('peak_rss_mb') or 0:.0f} MB "
+              f"({result['rss_vs_model']}x the model), exit {result.get('exit_code')} "
+              f"{result.get('error', '')}", flush=True)
+    simplifier = results.get("onnx-simplifier", {}).get("seconds")
+    for result in results.values():
+        if simplifier and result.get("seconds"):
+            result["speedup_vs_onnxsim"] = round(simplifier / result["seconds"], 2)
+    today = datetime.date.today().isoformat()
+    target = Path(args.json or ROOT / "benchmarks" / "results" / f"scale-{today}.json")
+    target.write_text(json.dumps({
+        "date": today, "command": " ".join(["python", *sys.argv]),
+        "model": {"blocks": args.blocks, "hidden": args.hidden, "ffn": args.ffn,
+                  "weight_mb": round(model_mb, 1)},
+        "results": results}, indent=1))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"written: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

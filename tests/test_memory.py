@@ -1,0 +1,94 @@
+"""Big models in bounded memory: weights read in chunks or one at a time, rewritten weights
+spilled to disk, one ORT session at a time, no copy of unchanged external data per session.
+The multi-GB measurement is benchmarks/scale.py; tests/test_big_model.py runs a 2.4 GB model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from helpers import make_model, op_count, tensor, value_info
+from onnx import helper
+from onnxopt.passes import CleanupPass
+
+import onnxopt
+from onnxopt import api, inputs, io
+from onnxopt.measure import budget, runtime
+from onnxopt.quant.int8 import Int8Options
+
+
+def matmul_chain(rng, *, equal: bool = False):
+    w0 = rng.standard_normal((64, 64)).astype(np.float32)
+    w1 = w0.copy() if equal else rng.standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w1"], ["y"])]
+    return make_model(nodes, [value_info("x", [2, 64])], [value_info("y", [2, 64])],
+                      [tensor("w0", w0), tensor("w1", w1)])
+
+
+def saved_external(proto, folder):
+    path = folder / "m.onnx"
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    return path
+
+
+def test_spill_moves_weights_to_disk_and_keeps_the_function(tmp_path):
+    model = ir.serde.deserialize_model(matmul_chain(np.random.default_rng(0)))
+    feeds = inputs.generate(model, seed=1)[0]
+    with runtime.model_session(model) as session:
+        before = runtime.run(session, feeds)
+    io.spill(model)
+    weights = [model.graph.initializers[n].const_value for n in ("w0", "w1")]
+    assert all(isinstance(t, ir.ExternalTensor) for t in weights)
+    with runtime.model_session(model) as session:
+        after = runtime.run(session, feeds)
+    np.testing.assert_array_equal(before["y"], after["y"])
+
+
+def test_sessions_of_external_data_link_the_weights_instead_of_copying(tmp_path):
+    path = saved_external(matmul_chain(np.random.default_rng(0)), tmp_path)
+    model = io.load(path)
+    with runtime.model_file(model) as source:
+        linked = os.path.join(os.path.dirname(source), "m.onnx.data")
+        assert os.path.samefile(linked, tmp_path / "m.onnx.data")  # a hard link, not a copy
+        runtime.make_session(source)  # and ORT accepts it
+
+
+def test_one_session_at_a_time_timing(monkeypatch):
+    """Past ONE_SESSION_BYTES the two models are timed one after the other."""
+    model = ir.serde.deserialize_model(matmul_chain(np.random.default_rng(0)))
+    feeds = inputs.generate(model, seed=1)[0]
+    opened = []
+    real = runtime.model_session
+
+    def counting(m, **kwargs):
+        opened.append(m)
+        return real(m, **kwargs)
+
+    monkeypatch.setattr(budget, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(budget.runtime, "model_session", counting)
+    ratio, low, high = budget.latency_ratio(model, model.clone(), feeds, seconds=0.3)
+    assert len(opened) == 2 and 0.5 < ratio < 2.0 and low <= ratio <= high
+
+
+def test_deduplication_of_external_tensors(tmp_path):
+    path = saved_external(matmul_chain(np.random.default_rng(0), equal=True), tmp_path)
+    model = io.load(path)
+    result = CleanupPass()(model)
+    assert len(result.model.graph.initializers) == 1
+    assert result.counts["initializer merged"] == 1
+
+
+def test_int8_with_no_verify_is_applied_unjudged(tmp_path):
+    """--int8 --no-verify: no ORT session at all (a multi-GB model could not afford the float
+    one beside the int8 copy), and the report says neither the budget nor the speed ran."""
+    src = tmp_path / "m.onnx"
+    onnx.save(matmul_chain(np.random.default_rng(0)), src)
+    options = api.OptimizeOptions(verify=False, bench=(), int8=Int8Options())
+    model, report = onnxopt.optimize(src, tmp_path / "out.onnx", options)
+    assert op_count(ir.serde.serialize_model(model), "DynamicQuantizeMatMul") == 2
+    assert report.int8["quantized"]
+    assert any("unjudged" in note for note in report.notes)
