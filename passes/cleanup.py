@@ -95,7 +95,8 @@ class CleanupPass(ir.passes.InPlacePass):
 class _DeduplicateInitializers(ir.passes.InPlacePass):
     """onnx-ir's DeduplicateHashedInitializersPass, reading tensors in chunks (an external one
     from its file, not mapped), so a multi-GB model's weights never sit in memory. Only tensors
-    whose dtype and shape another tensor shares are read at all."""
+    whose dtype and shape another tensor shares are read, first their leading MiB (trained
+    weights differ there), and in full only where those match too."""
 
     def __init__(self, size_limit: int):
         super().__init__()
@@ -104,24 +105,35 @@ class _DeduplicateInitializers(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
-            candidates: dict[tuple, list[ir.Value]] = {}
+            groups: dict[tuple, list[ir.Value]] = {}
             for value in graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None or value.is_graph_input() or tensor.nbytes > self.size_limit:
                     continue
-                candidates.setdefault((tensor.dtype, tuple(tensor.shape.numpy())), []).append(value)
-            kept: dict[tuple, ir.Value] = {}
-            for key, values in candidates.items():
-                for value in values if len(values) > 1 else ():
-                    digest = (*key, _digest(value.const_value))
-                    first = kept.get(digest)
-                    if first is None:
-                        kept[digest] = value
-                    elif _same_bytes(first.const_value, value.const_value):
+                groups.setdefault((tensor.dtype, tuple(tensor.shape.numpy())), []).append(value)
+            for hasher in (_head_digest, _digest):  # narrow the groups, cheap reads first
+                groups = _regrouped(groups, hasher)
+            for first, *same in groups.values():
+                for value in same:
+                    if _same_bytes(first.const_value, value.const_value):
                         value.replace_all_uses_with(first)
                         graph.initializers.pop(value.name)
                         modified = True
         return ir.passes.PassResult(model=model, modified=modified)
+
+
+def _regrouped(groups: dict[tuple, list[ir.Value]], hasher) -> dict[tuple, list[ir.Value]]:
+    """Each group of two or more split by `hasher`; groups of one are dropped."""
+    split: dict[tuple, list[ir.Value]] = {}
+    for key, values in groups.items():
+        for value in values if len(values) > 1 else ():
+            split.setdefault((*key, hasher(value.const_value)), []).append(value)
+    return {key: values for key, values in split.items() if len(values) > 1}
+
+
+def _head_digest(tensor: ir.TensorProtocol) -> str:
+    head = next(iter(tensor_chunks(tensor, 1 << 20)), b"")
+    return hashlib.sha512(head).hexdigest()
 
 
 def _digest(tensor: ir.TensorProtocol) -> str:

@@ -128,6 +128,10 @@ def _dynamic_variants(model: ir.Model, options: Int8Options, feeds: list,
     if reference is None:  # else: the original's outputs on these feeds, already run
         reference = verify.reference_outputs(model, feeds)
     choices = [options.reduce_range] if options.reduce_range is not None else [False, True]
+    if len(choices) == 2 and io.weight_bytes(model) > ONE_SESSION_BYTES:
+        choices = [False]  # each width is a full pass over the weights and an ORT session
+        notes.append("dynamic int8: 8-bit weights only on a model this big (Int8Options."
+                     "reduce_range=True chooses 7-bit; measuring both would double the time)")
     kept = keep_float_names(model, options)
 
     def measured(base: ir.Model, rewrite: str, extra: tuple[str, ...] = ()) -> _Variant:
