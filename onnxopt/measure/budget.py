@@ -192,6 +192,7 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
     for model in (first, second):
         with runtime.model_session(model) as session:
             [latency] = bench.measure_runners([runtime.runner(session, feeds)], seconds=seconds)
+            del session  # else it outlives the block and meets the next session in memory
         timed.append(latency.times_ms)
     return bench.ratio_ci(*timed)
 
