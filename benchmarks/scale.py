@@ -133,8 +133,11 @@ def main(argv=None) -> int:
             result["speedup_vs_onnxsim"] = round(simplifier / result["seconds"], 2)
     today = datetime.date.today().isoformat()
     target = Path(args.json or ROOT / "benchmarks" / "results" / f"scale-{today}.json")
+    from lossless import git_state, versions  # beside this script
+
     target.write_text(json.dumps({
         "date": today, "command": " ".join(["python", *sys.argv]),
+        "versions": versions(), "git": git_state(),
         "model": {"blocks": args.blocks, "hidden": args.hidden, "ffn": args.ffn,
                   "weight_mb": round(model_mb, 1)},
         "results": results}, indent=1))
