@@ -290,7 +290,6 @@ def ort_kernel_counts(model: ir.Model | bytes | str | os.PathLike) -> dict[str, 
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    runtime.release_memory()
     counts = Counter(node.op_type for node in _all_nodes(optimized.graph))
     return dict(counts)
 

@@ -31,6 +31,7 @@ PROVIDERS = {
 }
 # Models whose serialized size passes this go to ORT through a temporary file, not bytes.
 _BYTES_LIMIT = 1 << 30
+_TRIM_BYTES = 1 << 26  # sessions of models over this hand their freed memory back
 
 
 class RuntimeFailure(OnnxoptError):
@@ -227,8 +228,9 @@ def _linked(model: ir.Model, path: Path) -> bool:
 
 @contextlib.contextmanager
 def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
-    """A session for an in-memory model; `kwargs` go to make_session. Once it closes, the
-    memory it freed goes back to the system (see release_memory)."""
+    """A session for an in-memory model; `kwargs` go to make_session. Once a big model's
+    session closes, the memory it freed goes back to the system (see release_memory; a small
+    one's is not worth a garbage collection per session)."""
     try:
         with model_file(model) as source:
             session = make_session(source, **kwargs)
@@ -236,7 +238,8 @@ def model_session(model: ir.Model, **kwargs) -> Iterator[object]:
             yield session
     finally:
         session = None
-        release_memory()
+        if io.weight_bytes(model) > _TRIM_BYTES:
+            release_memory()
 
 
 def release_memory() -> None:

@@ -46,7 +46,8 @@ def quantize_dynamic(model: ir.Model, options: Int8Options, feeds: list, notes: 
     variants = _dynamic_variants(model, options, feeds, calib_batches, notes, reference)
     chosen, outcome = _chosen_variant(variants, notes, progress)
     del variants  # the int8 copies not chosen: a big model's speed check needs the memory
-    runtime.release_memory()
+    if io.weight_bytes(model) > ONE_SESSION_BYTES:
+        runtime.release_memory()
     reduce_range = chosen.reduce_range
     quantized, report, checked = outcome.model, outcome.report, outcome.verification
     holds, why = outcome.holds, outcome.why
