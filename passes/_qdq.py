@@ -67,6 +67,11 @@ def weight_scale(w: np.ndarray, axis: int | None, reduce_range: bool,
     error (mse), or its 99.99th percentile of |W| (percentile). Clipping a few outlier weights
     buys finer steps for all the others."""
     q_max = 63.0 if reduce_range else 127.0
+    if clip == "max":  # |w| and its max are exact in w's own dtype: no float64 copy of w
+        others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+        peak = (np.abs(w).max(axis=others).astype(np.float64) if w.size else
+                np.zeros(() if axis is None else w.shape[axis]))
+        return np.where(peak > 0, peak / q_max, 1.0)
     w = np.abs(w.astype(np.float64))
     rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     peak = rows.max(axis=1) if rows.size else np.zeros(len(rows))
