@@ -9,7 +9,6 @@ import json
 import logging
 import sys
 import warnings
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -17,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxopt import api, demo, report
+from onnxopt import api, demo, report, tables
 from onnxopt.errors import BadInputError, OnnxoptError
 from onnxopt.inputs import parse_shape
 from onnxopt.measure import bench_models, verify
@@ -339,39 +338,12 @@ def validate(
     comparisons = validate_mod.validate_providers(
         reference, candidate, eps=_split(ep), inputs_file=inputs, shapes=_shapes(shape),
         batches=batches, tolerance=tolerance, ort_optimize=ort_optimize)
-    table = Table(title=escape(f"onnxopt validate: against {reference} on {comparisons[0].reference_ep}"))
-    for column in ("model", "ep", "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1",
-                   "top-5", "within tolerance"):
-        table.add_column(column, justify="left" if column in ("model", "ep", "output") else "right")
-    for item in comparisons:
-        result, label = item.verification, escape(Path(item.candidate).name)
-        if not result.outputs and result.status == "failed":
-            table.add_row(label, item.ep, "-", "", "", "", "", "", "",
-                          f"[red]no[/red] {escape(result.reason)}")
-        for out in result.outputs:
-            mark = "[green]yes[/green]" if out.is_close else f"[red]no[/red] {escape(out.reason)}"
-            table.add_row(label, item.ep, escape(out.name), f"{out.max_abs:.3g}",
-                          f"{out.max_rel:.3g}", f"{out.cosine:.6f}", f"{out.sqnr_db:.1f}",
-                          _share(out.top1), _share(out.top5), mark)
-    stdout.print(table)
-    for item in comparisons:
-        name, result, tol = escape(Path(item.candidate).name), item.verification, item.tolerance
-        if result.status == "skipped":
-            stdout.print(f"[yellow]{name} on {item.ep}: skipped[/yellow]: {escape(result.reason)}")
-            continue
-        bound = (f"rtol {tol.rtol:g}, atol {tol.atol:g}" if tol.elementwise else "no elementwise bound")
-        bound += f", cosine >= {tol.min_cosine:g}" if tol.min_cosine else ""
-        stdout.print(f"{name} on {item.ep}: {result.status} on {result.batches} batches "
-                     f"({item.precision} tolerance: {bound})")
+    tables.render_validation(comparisons, reference, stdout)
     statuses = {item.verification.status for item in comparisons}
     if "failed" in statuses:
         raise typer.Exit(1)
     if "skipped" in statuses:  # a provider asked for is not installed: bad input, said above
         raise typer.Exit(2)
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
 
 
 @app.command("passes")
@@ -417,41 +389,12 @@ def transfer_command(
         verify=not no_verify, inputs=inputs, shapes=_shapes(shape), batches=batches,
         tolerance=verify.Tolerance(rtol, atol))
     _, result = transfer.transfer(source, destination, None if dry_run else output, options)
-    _render_transfer(result)
+    tables.render_transfer(result, stdout)
     if report_path:
         report.write_dict_json(result.as_dict(), report_path)
     checked = result.verification
     if result.expects_same_outputs and checked is not None and checked.status == "failed":
         raise typer.Exit(1)
-
-
-def _render_transfer(result) -> None:
-    table = Table(title=escape(f"onnxopt transfer: {result.source} -> {result.destination} -> "
-                               f"{result.output or '(not saved)'}"))
-    for column in ("DST tensor", "SRC tensor", "rule", "shape"):
-        table.add_column(column, overflow="fold")
-    for row in result.transferred:
-        rule = row.rule + (f" ({row.transform})" if row.transform else "")
-        table.add_row(escape(row.name), escape(row.src), rule, "x".join(map(str, row.shape)))
-    for row in result.refused:
-        table.add_row(escape(row.name), f"[red]refused[/red]: {escape(row.reason)}", "",
-                      "x".join(map(str, row.shape)))
-    for row in result.unmatched_dst:
-        table.add_row(escape(row.name), "[yellow]unmatched[/yellow]", "",
-                      "x".join(map(str, row.shape)))
-    stdout.print(table)
-    from onnxopt.transfer import summary_lines
-
-    for line in summary_lines(result):
-        stdout.print(escape(line))
-    if result.unmatched_src:
-        names = ", ".join(t.name for t in result.unmatched_src[:8])
-        more = f" and {len(result.unmatched_src) - 8} more" if len(result.unmatched_src) > 8 else ""
-        stdout.print(escape(f"unused in SRC: {names}{more}"))
-    if result.outside_only:
-        stdout.print(escape(f"{result.outside_only} DST tensors outside --only {result.only!r}"))
-    for note in result.notes:
-        stdout.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ LAYERS = [
     ("passes",),  # one rewrite per module
     ("pipeline",),  # runs passes in order, verifies, reverts what breaks
     ("quant", "transfer", "sparsity", "precision"),  # the stages
-    ("report", "plot"),
+    ("report", "plot", "tables"),
+    ("stages",),  # optimize's stages around the pipeline, as the API runs them
     ("api",),
     ("demo",),
     ("cli",),

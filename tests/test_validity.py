@@ -16,7 +16,7 @@ from onnx import helper
 from onnxopt.passes import PassReport
 
 import onnxopt
-from onnxopt import api, pipeline
+from onnxopt import api, pipeline, stages
 from onnxopt.measure import validity
 from onnxopt.measure.verify import Verification
 
@@ -90,7 +90,7 @@ def test_a_stage_that_writes_an_invalid_model_is_undone(tmp_path, monkeypatch):
                                                 "ort_cpu_kernels": "", "kernels": {},
                                                 "layer_sqnr_db": {}}
 
-    monkeypatch.setattr(api, "_int8", broken_int8)
+    monkeypatch.setattr(stages, "int8_stage", broken_int8)
     src = tmp_path / "in.onnx"
     onnx.save(conv_bn_relu(), src)
     options = api.OptimizeOptions(int8=api.Int8Options(), bench=())
