@@ -182,6 +182,20 @@ def ort_child(result_path: str, src: str, dst: str, calib: str, method: str,
     Path(result_path).write_text(json.dumps(result))
 
 
+def bench_each(names, work_root: Path, data: dict, out: Path, run) -> None:
+    """`run(name, folder)` for each model into data["models"], the JSON rewritten after each;
+    a model that fails is named in data["failed"] and the others still run."""
+    for name in names:
+        folder = work_root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            data["models"].append(run(name, folder))
+        except Exception as error:  # noqa: BLE001 - one model failing keeps the others
+            stderr.print(f"[red]{name}: {_line(error)}[/red]")
+            data.setdefault("failed", {})[name] = _line(error)
+        lossless.write_json(data, out)
+
+
 def _line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:400]
@@ -746,15 +760,8 @@ def main(argv=None) -> int:
     work_root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="int8-bench-"))
     out = Path(args.json)
     try:
-        for name in args.models:
-            folder = work_root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                data["models"].append(bench_model(name, methods, args, folder))
-            except Exception as error:  # noqa: BLE001 - one model failing keeps the others
-                stderr.print(f"[red]{name}: {_line(error)}[/red]")
-                data.setdefault("failed", {})[name] = _line(error)
-            lossless.write_json(data, out)
+        bench_each(args.models, work_root, data, out,
+                   lambda name, folder: bench_model(name, methods, args, folder))
         if memory:
             data["memory"] = memory_scaling(memory, args, work_root / "memory")
             lossless.write_json(data, out)

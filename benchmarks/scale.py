@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -83,21 +82,18 @@ def build(path: Path, blocks: int, hidden: int, ffn: int) -> int:
     return offset
 
 
-def run(name: str, argv: list[str], src: Path, work: Path) -> dict:
+def run(argv: list[str], src: Path, work: Path) -> dict:
+    """One tool in its own process (lossless.run_child): its seconds, peak RSS, output size."""
+    from lossless import run_child  # beside this script
+
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    result_file = work / "result.json"
-    args = [a.format(src=src, dst=out / "model.onnx") for a in argv]
-    tool = "onnxopt" if args[0] == "onnxopt" else args[0]
-    rest = args[1:]
-    child = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_run_tool.py"),
-                            str(result_file), tool, *rest], capture_output=True, text=True)
-    result = json.loads(result_file.read_text()) if result_file.exists() else {
-        "error": child.stderr.strip().splitlines()[-1:] or ["no result"], "exit_code": -1}
-    result["output_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1) \
-        if out.exists() else None
-    return result
+    row = run_child([a.format(src=src, dst=out / "model.onnx") for a in argv], work, "tool",
+                    timeout=3600)
+    return {"seconds": row["tool_s"], "peak_rss_mb": row["peak_mb"],
+            "exit_code": row["exit_code"], "error": row["error"],
+            "output_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1)}
 
 
 def main(argv=None) -> int:
@@ -120,7 +116,7 @@ def main(argv=None) -> int:
     results = {}
     for name in chosen:
         print(f"{name} ...", flush=True)
-        result = run(name, RUNS[name], src, work)
+        result = run(RUNS[name], src, work)
         result["rss_vs_model"] = (round(result["peak_rss_mb"] * 1e6 / weight_bytes, 3)
                                   if result.get("peak_rss_mb") else None)
         results[name] = result

@@ -407,17 +407,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     work_root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sparsity-"))
     out = Path(args.json)
+    def run(name: str, folder: Path) -> dict:
+        result = bench_model(name, variants, args, folder)
+        render_model(result, data["date"], console)
+        return result
+
     try:
-        for name in args.models:
-            folder = work_root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                data["models"].append(bench_model(name, variants, args, folder))
-                render_model(data["models"][-1], data["date"], console)
-            except Exception as error:  # noqa: BLE001 - one model failing keeps the others
-                stderr.print(f"[red]{name}: {int8._line(error)}[/red]")
-                data.setdefault("failed", {})[name] = int8._line(error)
-            lossless.write_json(data, out)
+        int8.bench_each(args.models, work_root, data, out, run)
     finally:
         if not args.keep:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -156,22 +156,14 @@ def optimize(
     clock.lap("passes + verify")
     sparsity_summary = None
     if options.sparsity is not None:
-        before, verified = model, verification
         model, verification, sparsity_summary = stages.sparsity_stage(
-            model, verification, runs, options, feeds, notes, say)
-        model, verification = stages.undo_if_invalid(runs, validity, (before, verified),
-                                                     (model, verification))
+            model, verification, runs, options, feeds, validity, notes, say)
         clock.lap("sparsity")
     int8_summary = None
     if options.int8 is not None:
-        before, verified = model, verification
         known = checker.reference if isinstance(checker, pipeline.Checker) else None
         model, verification, int8_summary = stages.int8_stage(
-            model, verification, runs, options, feeds, known, notes, say)
-        model, verification = stages.undo_if_invalid(runs, validity, (before, verified),
-                                                     (model, verification))
-        if runs[-1].reverted:
-            int8_summary["quantized"] = False
+            model, verification, runs, options, feeds, known, validity, notes, say)
         clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,

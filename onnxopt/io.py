@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxopt.errors import BadInputError, root_cause
 
 __all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "release_external",
-           "spill", "PROTOBUF_LIMIT"]
+           "release_tensor", "spill", "PROTOBUF_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +220,20 @@ def spill(model: ir.Model) -> None:
 
 
 def release_external(model: ir.Model) -> None:
-    """Unmap every external tensor's file: pages a pass read stay resident (and count in the
-    process's memory) until the mapping goes; the next read maps them again, tensor by tensor."""
+    """Unmap every external tensor's file (see release_tensor)."""
     for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            try:
-                tensor.release()
-            except BufferError:  # a pass still holds a view of it: it stays mapped
-                pass
+        release_tensor(tensor)
+
+
+def release_tensor(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap an external tensor's file: pages a pass read stay resident (and count in the
+    process's memory) until the mapping goes; the next read maps it again. Other tensors, and
+    one whose data something still views (BufferError), are left as they are."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
 
 
 def weight_bytes(model: ir.Model) -> int:

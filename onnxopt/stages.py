@@ -1,7 +1,7 @@
 """The stages of `optimize` around the exact pipeline, as the API runs them: the inputs that
 verify and time it (`load_feeds`), the reference run that judges every pass and settles what
 the output is held to (`reference_checker`), the lossy stages (`int8_stage`, `sparsity_stage`)
-with their report rows, and the undo of a stage whose model is not valid (`undo_if_invalid`).
+with their report rows, each undone when its model is not valid.
 `options` is an api.OptimizeOptions (this module sits below the API and does not import it).
 """
 
@@ -20,8 +20,7 @@ from onnxopt.quant import int8
 from onnxopt.sparsity import prune as sparsity_flow
 from onnxopt.sparsity.options import CHANNELS
 
-__all__ = ["load_feeds", "reference_checker", "undo_if_invalid", "int8_stage", "sparsity_stage",
-           "LOAD_CHECK_BYTES"]
+__all__ = ["load_feeds", "reference_checker", "int8_stage", "sparsity_stage", "LOAD_CHECK_BYTES"]
 
 
 def load_feeds(model: ir.Model, options, notes: list[str]) -> list[inputs.Feeds]:
@@ -78,7 +77,7 @@ def _loads(model: ir.Model, options, notes: list[str]) -> bool:
     return not validity_mod.load_problem(model)
 
 
-def undo_if_invalid(runs: list, validity, before: tuple, after: tuple):
+def _undo_if_invalid(runs: list, validity, before: tuple, after: tuple):
     """A stage (int8, sparsity) whose model falls short of the input's validity is undone and
     its row says why: (model, verification) of before it, or `after` when it is valid."""
     model, verification = after
@@ -109,10 +108,11 @@ def _kernels_summary(result: int8.Int8Result) -> str:
     return summary if result.is_quantized else f"the int8 model (not kept): {summary}"
 
 
-def int8_stage(model, verification, runs, options, feeds, reference, notes, say):
-    """Run --int8 on the exactly rewritten model: (model, verification, report summary).
-    `reference`: the original's outputs on `feeds` where verification has them (dynamic int8
-    judges against those instead of running the float model once more)."""
+def int8_stage(model, verification, runs, options, feeds, reference, validity, notes, say):
+    """Run --int8 on the exactly rewritten model: (model, verification, report summary); an
+    int8 model short of `validity` is undone. `reference`: the original's outputs on `feeds`
+    where verification has them (dynamic int8 judges against those instead of running the
+    float model once more)."""
     stage = options.int8
     if not options.verify and stage.calib is None and stage.mode in ("auto", "dynamic") \
             and stage.target == "ort-cpu":
@@ -125,33 +125,39 @@ def int8_stage(model, verification, runs, options, feeds, reference, notes, say)
                                reference=reference if stage.calib is None else None)
     # The row names the pass whose model was kept (auto mode may end with dynamic int8).
     name = "quantize-dynamic" if result.mode == "dynamic" else "quantize-int8"
-    verification = _stage_row(runs, name, result.is_quantized, result, verification)
+    kept, verification = _stage_row(runs, name, result.is_quantized, result,
+                                    (model, verification), validity)
     summary = {
-        "quantized": result.is_quantized,
+        "quantized": result.is_quantized and not runs[-1].reverted,
         "calibration": _calibration_summary(result, options.int8),
         "budget": result.verification.reason or "held",
         "ort_cpu_kernels": _kernels_summary(result),
         "kernels": result.kernels,
         "layer_sqnr_db": result.layer_sqnr,
     }
-    return result.model, verification, summary
+    return kept, verification, summary
 
 
-def sparsity_stage(model, verification, runs, options, feeds, notes, say):
-    """Run --sparsity on the exactly rewritten model: (model, verification, report summary)."""
+def sparsity_stage(model, verification, runs, options, feeds, validity, notes, say):
+    """Run --sparsity on the exactly rewritten model: (model, verification, report summary);
+    a pruned model short of `validity` is undone."""
     if not feeds and options.sparsity.calib is None:
         feeds = load_feeds(model, options, notes)  # magnitude pruning judges its budget on these
     stage = dataclasses.replace(options.sparsity, timed="cpu" in options.bench)
     result = sparsity_flow.sparsify(model, stage, notes, feeds=feeds, progress=say)
     name = "prune-channels" if options.sparsity.pattern == CHANNELS else "prune-weights"
-    verification = _stage_row(runs, name, result.is_pruned, result, verification)
-    return result.model, verification, result.summary
+    kept, verification = _stage_row(runs, name, result.is_pruned, result,
+                                    (model, verification), validity)
+    return kept, verification, result.summary
 
 
-def _stage_row(runs: list, name: str, is_kept: bool, result, verification):
-    """A lossy stage's row in the report; its verification replaces the exact one only when
-    its model was kept (else the exact model stands, with its own verification)."""
+def _stage_row(runs: list, name: str, is_kept: bool, result, before: tuple, validity):
+    """A lossy stage's row in the report, and the (model, verification) that stands: the
+    stage's when it kept its model and that model is valid, else `before`, the exact model with
+    its own verification."""
     runs.append(pipeline.PassRun(name, modified=is_kept, reverted=not is_kept,
                                  reason=result.verification.reason, log=result.log,
                                  counts=result.counts))
-    return result.verification if is_kept else verification
+    if not is_kept:
+        return before
+    return _undo_if_invalid(runs, validity, before, (result.model, result.verification))

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 __all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version", "annotate_ranks",
-           "rank_of", "new_initializer", "release", "tensor_chunks"]
+           "rank_of", "new_initializer", "tensor_chunks"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -24,17 +24,6 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     except ValueError:  # a malformed Constant node (no value attribute, or two): not a constant
         return None
     return None if tensor is None else tensor.numpy()
-
-
-def release(value: ir.Value | None) -> None:
-    """Unmap an external tensor's file once a pass has read what it needs (its pages would stay
-    resident); a later read maps it again. Still-referenced data (BufferError) stays mapped."""
-    tensor = value.const_value if value is not None else None
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass
 
 
 CHUNK_BYTES = 1 << 26

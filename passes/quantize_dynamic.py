@@ -30,8 +30,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
+from onnxopt import io
 from onnxopt.passes import _gather, _qdq
-from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, release
+from onnxopt.passes._graph import NameSource, constant, describe, new_initializer
 from onnxopt.passes._report import PassReport
 
 __all__ = ["QuantizeDynamicOptions", "QuantizeDynamicPass"]
@@ -94,7 +95,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
                     detail = self._rewrite(graph, names, site, cache)
                     report.change("quantized", f"quantized {describe(node)}: {detail}")
                 del site  # its view of the float weight, so that the mapping can go
-                release(weight)  # one float weight resident at a time
+                # one float weight resident at a time
+                io.release_tensor(weight.const_value if weight is not None else None)
             _gather.quantize_tables(graph, names, self.options.exclude, report)
         if report.modified:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)

@@ -16,7 +16,8 @@ from onnx import helper
 from onnxopt.passes import PassReport
 
 import onnxopt
-from onnxopt import api, pipeline, stages
+from onnxopt import api
+from onnxopt.quant import int8
 from onnxopt.measure import validity
 from onnxopt.measure.verify import Verification
 
@@ -82,15 +83,12 @@ def test_a_pass_that_breaks_the_checker_is_undone_and_named(tmp_path, monkeypatc
 
 def test_a_stage_that_writes_an_invalid_model_is_undone(tmp_path, monkeypatch):
     """A lossy stage (int8 here) is held to validity after its own budget: its row says why."""
-    def broken_int8(model, verification, runs, options, feeds, reference, notes, say):
+    def broken_int8(model, options, notes, **_):
         broken = model.clone()
         BreakCheckerPass()(broken)
-        runs.append(pipeline.PassRun("quantize-int8", modified=True))
-        return broken, Verification("passed"), {"quantized": True, "calibration": "", "budget": "held",
-                                                "ort_cpu_kernels": "", "kernels": {},
-                                                "layer_sqnr_db": {}}
+        return int8.Int8Result(broken, True, Verification("passed"), {}, 0, [], {})
 
-    monkeypatch.setattr(stages, "int8_stage", broken_int8)
+    monkeypatch.setattr(int8, "quantize", broken_int8)
     src = tmp_path / "in.onnx"
     onnx.save(conv_bn_relu(), src)
     options = api.OptimizeOptions(int8=api.Int8Options(), bench=())
