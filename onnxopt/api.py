@@ -15,10 +15,9 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnx_ir.passes import common
 
 from onnxopt import inputs, io, pipeline, stages
-from onnxopt.stages import load_feeds
 from onnxopt.calib import sources
 from onnxopt.errors import BadInputError, CannotGenerateError
 from onnxopt.measure import bench, runtime, stats
@@ -28,14 +27,16 @@ from onnxopt.measure import verify as verify_mod
 from onnxopt.measure.verify import Tolerance
 from onnxopt.passes import DEFAULT_PIPELINE
 from onnxopt.passes import REGISTRY as REWRITE_PASSES
+from onnxopt.precision.half import HalfOptions, check_convertible
 from onnxopt.quant import int8
 from onnxopt.quant.int8 import Int8Options
 from onnxopt.report import LatencyComparison, Report
 from onnxopt.sparsity import sensitivity as sensitivity_mod
 from onnxopt.sparsity.options import CHANNELS, SparsityOptions
+from onnxopt.stages import load_feeds
 from onnxopt.transfer import TransferOptions, TransferPass
 
-__all__ = ["OptimizeOptions", "optimize", "inspect", "validate", "load_feeds", "sensitivity"]
+__all__ = ["OptimizeOptions", "inspect", "load_feeds", "optimize", "sensitivity", "validate"]
 
 Progress = Callable[[str], None]
 
@@ -64,6 +65,7 @@ class OptimizeOptions:
     # pruned model.
     sparsity: SparsityOptions | None = None
     int8: Int8Options | None = None  # static int8 QDQ after the exact passes (see onnxopt.quant.int8)
+    half: HalfOptions | None = None  # --fp16/--bf16 after the exact passes (onnxopt.precision)
     transfer_from: str | None = None  # --transfer-from SRC: its weights first (_transfer_first)
 
 
@@ -133,8 +135,16 @@ def optimize(
     # What every output is held to; the ONNX Runtime level is settled by _checker.
     validity = validity_mod.required_of(model, load=False)
     model, transferred = _transfer_first(model, options, say, validity)
+    where = str(src) if path else "the model"
     if options.int8 is not None:  # before any work: --int8 on a model it cannot touch is an error
-        int8.check_quantizable(model, str(src) if path else "the model")
+        int8.check_quantizable(model, where)
+    if options.half is not None:
+        if options.int8 is not None:
+            raise BadInputError(f"{where}: --{'fp16' if options.half.dtype == 'float16' else 'bf16'}"
+                                " and --int8 together: choose one (int8 QDQ keeps float "
+                                "activations between its layers; half precision is the GPU's "
+                                "answer, int8 the CPU's)")
+        check_convertible(model, options.half.dtype, where)
     original = model.clone()  # shares tensors; passes build new ones instead of editing
     clock.lap("load")
     unverifiable = None
@@ -159,6 +169,12 @@ def optimize(
         model, verification, sparsity_summary = stages.sparsity_stage(
             model, verification, runs, options, feeds, validity, notes, say)
         clock.lap("sparsity")
+    half_summary = None
+    if options.half is not None:
+        known = checker.reference if isinstance(checker, pipeline.Checker) else None
+        model, verification, half_summary = stages.half_stage(
+            model, verification, runs, options, feeds, known, validity, notes, say)
+        clock.lap("half")
     int8_summary = None
     if options.int8 is not None:
         known = checker.reference if isinstance(checker, pipeline.Checker) else None
@@ -167,7 +183,8 @@ def optimize(
         clock.lap("int8")
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
-                    int8=int8_summary, sparsity=sparsity_summary, validity=validity.describe())
+                    int8=int8_summary, sparsity=sparsity_summary, half=half_summary,
+                    validity=validity.describe())
     if options.bench:
         say("timing original vs optimized")
         model = _keep_if_not_slower(report, original, model, feeds, options)
@@ -228,7 +245,10 @@ def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
             notes.append(f"timing on {ep} skipped: {error}")
             continue
         ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
-        rows.append(LatencyComparison(ep, before, after, ratio, low, high))
+        ran, note = runtime.ran_on(a, ep)
+        if note:  # TensorRT without its libraries: the row says what really ran
+            notes.append(note)
+        rows.append(LatencyComparison(ran, before, after, ratio, low, high))
     return rows
 
 

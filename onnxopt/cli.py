@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import warnings
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,7 @@ from onnxopt.inputs import parse_shape
 from onnxopt.measure import bench_models, verify
 from onnxopt.measure import validation as validate_mod
 from onnxopt.passes import DEFAULT_PIPELINE, describe_passes
+from onnxopt.precision import half
 from onnxopt.quant import int8
 from onnxopt.sparsity.options import SparsityOptions
 from onnxopt.sparsity.sensitivity import LEVELS as sensitivity_levels
@@ -34,9 +35,9 @@ if not stdout.is_terminal:  # rich assumes 80 columns when piped; the report nee
 stderr = Console(stderr=True)
 _state = {"debug": False, "quiet": False}
 
-ShapeOpt = Annotated[Optional[list[str]], typer.Option(
+ShapeOpt = Annotated[list[str] | None, typer.Option(
     "--shape", help="Size of dynamic dims, e.g. --shape image:1,1,64,64 (repeatable).")]
-InputsOpt = Annotated[Optional[str], typer.Option(
+InputsOpt = Annotated[str | None, typer.Option(
     "--inputs", help=".npz with one array per input name (a stack of batches is fine).")]
 BatchesOpt = Annotated[int, typer.Option(help="Generated input batches for verification.")]
 RtolOpt = Annotated[float, typer.Option(help="Relative tolerance for exact rewrites.")]
@@ -89,58 +90,68 @@ def optimize(
     seed: Annotated[int, typer.Option(help="Seed of generated inputs.")] = 0,
     rtol: RtolOpt = 1e-4,
     atol: AtolOpt = 1e-5,
-    bench: Annotated[str, typer.Option(help="Providers to time both models on, or 'none'.")] = "cpu",
+    bench: Annotated[str | None, typer.Option(
+        help="Providers to time both models on, or 'none' (default: cpu; cuda with --fp16/--bf16).")
+    ] = None,
     bench_seconds: Annotated[float, typer.Option(help="Timing budget per provider.")] = 2.0,
     allow_slower: Annotated[bool, typer.Option(help="Keep a rewrite even if it runs slower.")] = False,
-    report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
-    plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
+    report_path: Annotated[str | None, typer.Option("--report", help="Write the report as JSON.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     all_ops: Annotated[bool, typer.Option(help="List every op type, not only changed ones.")] = False,
     int8_flag: Annotated[bool, typer.Option(
         "--int8", help="int8: static QDQ with --calib, dynamic MatMul/Gemm without.")] = False,
-    calib: Annotated[Optional[str], typer.Option(
+    calib: Annotated[str | None, typer.Option(
         help="Calibration data: .npz, folder of .npy/.npz/images, or 'random'.")] = None,
     calib_method: Annotated[str, typer.Option(help="minmax, percentile, entropy or mse.")] = "minmax",
-    calib_samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
-    preprocess: Annotated[Optional[str], typer.Option(
+    calib_samples: Annotated[int | None, typer.Option(help="Use at most N samples.")] = None,
+    preprocess: Annotated[str | None, typer.Option(
         help="For image folders: size=224,mean=0.485/0.456/0.406,std=...,layout=NCHW")] = None,
-    max_error: Annotated[str, typer.Option(
-        help="--int8 / --sparsity budget per output: cosine>=0.99, sqnr>=30, or none.")
-    ] = "cosine>=0.99",
+    max_error: Annotated[str | None, typer.Option(
+        help="Lossy budget per output: cosine>=0.99, sqnr>=30, or none (default: cosine>=0.99; "
+             "cosine>=0.999 for --fp16/--bf16).")
+    ] = None,
     quant_mode: Annotated[str, typer.Option(
         help="auto (static with --calib, else dynamic), static or dynamic.")] = "auto",
-    target: Annotated[str, typer.Option(
-        help="Where the int8 model runs: ort-cpu, ort-cuda or tensorrt.")] = "ort-cpu",
+    target: Annotated[str | None, typer.Option(
+        help="Where the model runs: ort-cpu, ort-cuda or tensorrt (default: ort-cpu for --int8, "
+             "ort-cuda for --fp16/--bf16).")] = None,
     clip_weights: Annotated[str, typer.Option(
         help="int8 weight range per channel: max, mse or percentile.")] = "max",
-    bias_correction: Annotated[Optional[bool], typer.Option(
+    bias_correction: Annotated[bool | None, typer.Option(
         "--bias-correction/--no-bias-correction",
         help="Correct int8 mean output shifts (default: kept where it helps).")] = None,
     equalize: Annotated[bool, typer.Option(
         help="Cross-layer equalization of Conv -> Relu -> Conv before int8.")] = True,
-    smooth: Annotated[Optional[bool], typer.Option(
+    smooth: Annotated[bool | None, typer.Option(
         "--smooth/--no-smooth",
         help="SmoothQuant before dynamic int8 (default: kept where it helps).")] = None,
-    split_outliers: Annotated[Optional[bool], typer.Option(
+    split_outliers: Annotated[bool | None, typer.Option(
         "--split-outliers/--no-split-outliers",
         help="Dynamic int8: a MatMul's few outlier input channels in float "
              "(default: kept where it helps).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option(
-        help="int8: node names to keep float, comma-separated regular expressions.")] = None,
-    transfer_from: Annotated[Optional[str], typer.Option(
+    keep_float: Annotated[str | None, typer.Option(
+        help="int8/half: node names to keep float, comma-separated regular expressions.")] = None,
+    fp16: Annotated[bool, typer.Option(
+        "--fp16", help="Half precision (float16) where data, provider and budget allow.")] = False,
+    bf16: Annotated[bool, typer.Option(
+        "--bf16", help="bfloat16 instead: float32's range, fewer mantissa bits.")] = False,
+    keep_io_types: Annotated[bool, typer.Option(
+        help="--fp16/--bf16: model inputs and outputs stay float32.")] = True,
+    transfer_from: Annotated[str | None, typer.Option(
         help="First copy the trained weights of this model in (see `onnxopt transfer`).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option(
+    sparsity: Annotated[float | None, typer.Option(
         help="Prune: share of weights zero (unstructured), or of MACs removed (channels).")
     ] = None,
-    sparsity_pattern: Annotated[Optional[str], typer.Option(
+    sparsity_pattern: Annotated[str | None, typer.Option(
         help="unstructured (default), N:M such as 2:4, or channels (physically removed).")
     ] = None,
     sparsity_scope: Annotated[str, typer.Option(
         help="Unstructured: the same share per layer, or one global threshold.")] = "layer",
-    sparsity_skip: Annotated[Optional[str], typer.Option(
+    sparsity_skip: Annotated[str | None, typer.Option(
         help="Node names to keep dense, comma-separated regular expressions.")] = None,
     sparsity_keep_ends: Annotated[bool, typer.Option(
         help="Keep the first and last layers dense.")] = True,
-    reconstruct: Annotated[Optional[bool], typer.Option(
+    reconstruct: Annotated[bool | None, typer.Option(
         "--reconstruct/--no-reconstruct",
         help="Re-fit pruned layers from --calib (default: on with --calib).")] = None,
     importance: Annotated[str, typer.Option(
@@ -149,12 +160,26 @@ def optimize(
     quiet: QuietOpt = False,
 ):
     """Rewrite MODEL with the pipeline, verify it against the original, time both, save it."""
+    if fp16 and bf16:
+        raise BadInputError("--fp16 and --bf16 together: choose one")
+    half_options = None
+    if fp16 or bf16:
+        half_target = target or "ort-cuda"
+        if half_target not in half.TARGETS:
+            raise BadInputError(f"--target {half_target!r}: expected one of "
+                                f"{', '.join(half.TARGETS)}")
+        half_options = half.HalfOptions(
+            "float16" if fp16 else "bfloat16", half_target, keep_io_types,
+            int8.parse_budget(max_error or "cosine>=0.999"), keep_float,
+            check_speed=not allow_slower)
+        bench = bench if bench is not None else ("cpu" if half_target == "ort-cpu" else "cuda")
     int8_options = None
     if int8_flag:
         int8_options = int8.Int8Options(calib, calib_method, calib_samples, preprocess,
-                                        int8.parse_budget(max_error), _shapes(shape),
+                                        int8.parse_budget(max_error or "cosine>=0.99"),
+                                        _shapes(shape),
                                         check_speed=not allow_slower, mode=quant_mode,
-                                        target=target, clip_weights=clip_weights,
+                                        target=target or "ort-cpu", clip_weights=clip_weights,
                                         bias_correction=bias_correction, equalize=equalize,
                                         keep_float=keep_float, smooth=smooth,
                                         split_outliers=split_outliers)
@@ -163,14 +188,15 @@ def optimize(
         sparsity_options = SparsityOptions(
             sparsity, sparsity_pattern or "unstructured", sparsity_scope,
             _split(sparsity_skip), sparsity_keep_ends, calib, calib_samples, preprocess,
-            _shapes(shape), int8.parse_budget(max_error), reconstruct, importance)
+            _shapes(shape), int8.parse_budget(max_error or "cosine>=0.99"), reconstruct,
+            importance)
         sparsity_options.check()
     options = api.OptimizeOptions(
         passes=_split(passes), skip=_split(skip), verify=not no_verify, verify_each=verify_each,
         inputs=inputs, shapes=_shapes(shape), batches=batches, seed=seed,
-        tolerance=verify.Tolerance(rtol, atol), bench=_split(bench), bench_seconds=bench_seconds,
-        allow_slower=allow_slower, int8=int8_options, transfer_from=transfer_from,
-        sparsity=sparsity_options,
+        tolerance=verify.Tolerance(rtol, atol), bench=_split(bench or "cpu"),
+        bench_seconds=bench_seconds, allow_slower=allow_slower, int8=int8_options,
+        transfer_from=transfer_from, sparsity=sparsity_options, half=half_options,
     )
     with _progress(quiet) as progress:
         _, result = api.optimize(model, output, options, progress=progress)
@@ -179,10 +205,12 @@ def optimize(
 
 @app.command("demo")
 def demo_command(
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Keep the result here.")] = None,
-    bench: Annotated[str, typer.Option(help="Providers to time both models on, or 'none'.")] = "cpu",
-    report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
-    plot: Annotated[Optional[str], typer.Option(help="Draw latency and op changes to a PNG.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Keep the result here.")] = None,
+    bench: Annotated[str | None, typer.Option(
+        help="Providers to time both models on, or 'none' (default: cpu; cuda with --fp16/--bf16).")
+    ] = None,
+    report_path: Annotated[str | None, typer.Option("--report", help="Write the report as JSON.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Draw latency and op changes to a PNG.")] = None,
     int8_flag: Annotated[bool, typer.Option(
         "--int8", help="Also quantize to int8, calibrated on the bundled digits.")] = False,
     sparsity_flag: Annotated[bool, typer.Option(
@@ -221,13 +249,13 @@ def sensitivity_command(
     pattern: Annotated[str, typer.Option(help="unstructured or N:M (e.g. 2:4).")] = "unstructured",
     levels: Annotated[str, typer.Option(help="Sparsity levels, comma-separated.")] = ",".join(
         f"{level:g}" for level in sensitivity_levels),
-    skip: Annotated[Optional[str], typer.Option(
+    skip: Annotated[str | None, typer.Option(
         help="Node names to leave out, comma-separated regular expressions.")] = None,
     batches: Annotated[int, typer.Option(help="Calibration batches per trial.")] = 4,
-    calib_samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
-    preprocess: Annotated[Optional[str], typer.Option(help="For image folders (see optimize).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Use at most N samples.")] = None,
+    preprocess: Annotated[str | None, typer.Option(help="For image folders (see optimize).")] = None,
     shape: ShapeOpt = None,
-    json_path: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results as JSON.")] = None,
     quiet: QuietOpt = False,
 ):
     """Per layer: the model's output error with that layer alone pruned at each sparsity."""
@@ -259,14 +287,17 @@ def bench_command(
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     threads: Annotated[int, typer.Option(help="Intra-op threads (0: ORT's default).")] = 0,
     warmup: Annotated[str, typer.Option(help="'auto' (until steady) or a run count.")] = "auto",
-    runs: Annotated[Optional[int], typer.Option(help="Timed rounds (instead of --time).")] = None,
+    runs: Annotated[int | None, typer.Option(help="Timed rounds (instead of --time).")] = None,
     seconds: Annotated[float, typer.Option("--time", help="Seconds per provider and batch.")] = 5.0,
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,
     cuda_graph: Annotated[bool, typer.Option(help="CUDA: replay a CUDA graph.")] = False,
+    tf32: Annotated[bool | None, typer.Option(
+        "--tf32/--no-tf32", help="CUDA: fp32 Conv/MatMul in TF32 (ORT's default: on) or exact.",
+        show_default=False)] = None,
     placement: Annotated[bool, typer.Option(help="Profile which provider ran each node.")] = True,
-    json_path: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON.")] = None,
-    plot: Annotated[Optional[str], typer.Option(help="Draw latency distributions to a PNG.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Draw latency distributions to a PNG.")] = None,
     quiet: QuietOpt = False,
 ):
     """Time models side by side (interleaved) on each provider and batch size."""
@@ -276,6 +307,7 @@ def bench_command(
         eps=_split(ep), batches=tuple(_positive_ints("--batch", batch)), threads=threads,
         warmup=warmup if warmup == "auto" else int(warmup), runs=runs, seconds=seconds,
         inputs=inputs, shapes=_shapes(shape), cuda_graph=cuda_graph, placement=placement,
+        tf32=tf32,
     )
     with _progress(quiet) as progress:
         result = bench_models.bench_models(models, options, progress=progress)
@@ -304,7 +336,7 @@ def _positive_ints(flag: str, text: str) -> list[int]:
 def inspect(
     model: Annotated[str, typer.Argument(help="The .onnx model.")],
     shape: ShapeOpt = None,
-    json_path: Annotated[Optional[str], typer.Option("--json", help="Also write JSON here.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ):
     """Op histogram, parameters, size, opset, inputs/outputs and a MAC estimate per op type."""
     stats = api.inspect(model, shapes=_shapes(shape))
@@ -319,14 +351,14 @@ def inspect(
 @app.command()
 def validate(
     reference: Annotated[str, typer.Argument(help="The reference model (A).")],
-    candidate: Annotated[Optional[str], typer.Argument(
+    candidate: Annotated[str | None, typer.Argument(
         help="The model to check against A; omit it to compare A across --ep providers.")] = None,
     ep: Annotated[str, typer.Option(help="Providers: A runs on the first, candidates on all.")] = "cpu",
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,
     batches: BatchesOpt = 3,
-    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: by dtype).")] = None,
-    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: by dtype).")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Relative tolerance (default: by dtype).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Absolute tolerance (default: by dtype).")] = None,
     ort_optimize: Annotated[bool, typer.Option(
         help="Run candidates with ORT's graph optimizations on (the reference never).")] = False,
 ):
@@ -362,16 +394,16 @@ def list_passes():
 def transfer_command(
     source: Annotated[str, typer.Argument(help="SRC: the model with the trained weights.")],
     destination: Annotated[str, typer.Argument(help="DST: the graph to fill (never modified).")],
-    output: Annotated[Optional[str], typer.Option(
+    output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Where to write DST with SRC's weights.")] = None,
     match: Annotated[str, typer.Option(
         help="auto (name, normalized name, structure), name, normalized or structure.")] = "auto",
-    only: Annotated[Optional[str], typer.Option(
+    only: Annotated[str | None, typer.Option(
         help="Regex: only DST tensors whose name (or matched SRC name) matches.")] = None,
-    map_path: Annotated[Optional[str], typer.Option(
+    map_path: Annotated[str | None, typer.Option(
         "--map", help="JSON {dst_tensor: src_tensor}: settles ambiguous or unmatched tensors.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the report, write nothing.")] = False,
-    report_path: Annotated[Optional[str], typer.Option("--report", help="Write the report as JSON.")] = None,
+    report_path: Annotated[str | None, typer.Option("--report", help="Write the report as JSON.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Do not run SRC and OUT.")] = False,
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,

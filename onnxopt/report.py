@@ -51,6 +51,7 @@ class Report:
     metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     int8: dict | None = None  # calibration, budget and ORT kernel counts when --int8 ran
     sparsity: dict | None = None  # per-layer zeros, MACs, sizes and verdict when --sparsity ran
+    half: dict | None = None  # dtype, nodes kept float32 and why, how it was judged (--fp16/--bf16)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     # What every output was held to (measure.validity), verified or not.
     validity: str = ""
@@ -143,6 +144,8 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
                           "worst layers; all in --report")
     if report.sparsity is not None:
         _sparsity_rows(table, report.sparsity)
+    if report.half is not None:
+        _half_rows(table, report.half)
     _latency_rows(table, report.latency)
     table.add_row("[bold]time", "", "", "")
     for step, seconds in report.seconds.items():
@@ -158,6 +161,27 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
         reason = report.verification.reason if report.verification else "--no-verify"
         console.print(f"[bold yellow]not verified:[/bold yellow] {escape(reason)}; the output is "
                       f"only held to what the input met: {escape(report.validity or 'nothing')}")
+
+
+def _half_rows(table: Table, summary: dict) -> None:
+    table.add_row(f"[bold]{summary['dtype']}", "", "", "")
+    colour = "green" if summary["converted"] else "red"
+    table.add_row("accuracy budget", "", f"[{colour}]{escape(summary['budget'])}[/{colour}]",
+                  f"judged on {summary['judged_on']}")
+    if summary["converted"]:
+        table.add_row("nodes in half", "", str(summary["nodes_half"]),
+                      f"{summary['casts']} Casts at float32 borders")
+    if summary["speed"]:
+        table.add_row(f"speed ({summary['target']})", "", escape(summary["speed"]), "")
+    kept = summary["kept_float32"]
+    table.add_row("kept float32", "", str(len(kept)), "each below" if kept else "")
+    for name, why in list(kept.items())[:_KEPT_SHOWN]:
+        table.add_row(f"  {escape(name)}", "", escape(why), "")
+    if len(kept) > _KEPT_SHOWN:
+        table.add_row(f"  ... {len(kept) - _KEPT_SHOWN} more", "", "all in --report", "")
+
+
+_KEPT_SHOWN = 12
 
 
 def _sparsity_rows(table: Table, summary: dict) -> None:
@@ -342,6 +366,10 @@ def render_bench(result, console: Console) -> None:
         )
         if where and where.fallback:
             notes.append(f"#{position + 1} on {row.ep}, batch {row.batch}: {where.summary()}")
+        if row.note:  # the provider asked for did not register; the row says what ran
+            notes.append(row.note)
+        if row.fp32_math:
+            notes.append(f"{row.ep}: fp32 math: {row.fp32_math}")
     console.print(table)
     runs = sorted({r.latency.runs for r in result.rows if r.latency})
     if runs:

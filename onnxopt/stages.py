@@ -1,7 +1,7 @@
 """The stages of `optimize` around the exact pipeline, as the API runs them: the inputs that
 verify and time it (`load_feeds`), the reference run that judges every pass and settles what
-the output is held to (`reference_checker`), the lossy stages (`int8_stage`, `sparsity_stage`)
-with their report rows, each undone when its model is not valid.
+the output is held to (`reference_checker`), the lossy stages (`int8_stage`, `sparsity_stage`,
+`half_stage`) with their report rows, each undone when its model is not valid.
 `options` is an api.OptimizeOptions (this module sits below the API and does not import it).
 """
 
@@ -16,11 +16,19 @@ from onnxopt.calib import sources
 from onnxopt.measure import runtime
 from onnxopt.measure import validity as validity_mod
 from onnxopt.measure import verify as verify_mod
+from onnxopt.precision import half as half_flow
 from onnxopt.quant import int8
 from onnxopt.sparsity import prune as sparsity_flow
 from onnxopt.sparsity.options import CHANNELS
 
-__all__ = ["load_feeds", "reference_checker", "int8_stage", "sparsity_stage", "LOAD_CHECK_BYTES"]
+__all__ = [
+    "LOAD_CHECK_BYTES",
+    "half_stage",
+    "int8_stage",
+    "load_feeds",
+    "reference_checker",
+    "sparsity_stage",
+]
 
 
 def load_feeds(model: ir.Model, options, notes: list[str]) -> list[inputs.Feeds]:
@@ -149,6 +157,70 @@ def sparsity_stage(model, verification, runs, options, feeds, validity, notes, s
     kept, verification = _stage_row(runs, name, result.is_pruned, result,
                                     (model, verification), validity)
     return kept, verification, result.summary
+
+
+# bfloat16 Conv, Gemm's and most ops' bfloat16 types arrive in ONNX opset 22 (float16 has been
+# there from the start): a bfloat16 model below it keeps those float32, so it is upgraded first.
+BF16_OPSET = 22
+
+
+def half_stage(model, verification, runs, options, feeds, reference, validity, notes, say):
+    """Run --fp16/--bf16 on the exactly rewritten model: (model, verification, report
+    summary); a half model short of `validity` is undone. `reference`: the original's outputs
+    on `feeds` when verification has them."""
+    stage = options.half
+    if not feeds:
+        feeds, reference = load_feeds(model, options, notes), None
+    base = model
+    if stage.dtype == "bfloat16":
+        base = _opset_at_least(model, BF16_OPSET, notes)
+    if reference is None:
+        reference = verify_mod.reference_outputs(base, feeds)
+    result = half_flow.to_half(base, stage, notes, feeds=feeds, reference=reference,
+                               progress=say)
+    if result.is_half and result.judged_on == "emulation":
+        # ORT never ran the half model itself: load it on the CPU now, as the guard would. ORT
+        # CPU has no bfloat16 kernels for most ops; such a model is held to the checker only.
+        problem = validity.loads and validity_mod.load_problem(result.model)
+        if problem:
+            validity = dataclasses.replace(validity, loads=False)
+            notes.append(f"ONNX Runtime's CPU provider cannot load this {stage.dtype} model "
+                         f"({problem}); it is held to the ONNX checker, and was judged by "
+                         "emulation")
+    elif result.judged_on != "cpu":  # the GPU session loaded it
+        validity = dataclasses.replace(validity, loads=False)
+    ops = {node.name: node.op_type for node in result.model.graph}
+    kept, verification = _stage_row(runs, "to-half", result.is_half, result,
+                                    (model, verification), validity)
+    summary = {
+        "dtype": stage.dtype,
+        "target": stage.target,
+        "converted": result.is_half and not runs[-1].reverted,
+        "judged_on": result.judged_on,
+        "budget": result.verification.reason or "held",
+        "speed": result.speed,
+        # "name": "OpType: why" (NameFixPass names unnamed nodes node_N: the op says more)
+        "kept_float32": {name: f"{ops.get(name, '?')}: {why}"
+                         for name, why in result.kept_float.items()},
+        "casts": result.counts.get("casts", 0),
+        "nodes_half": result.counts.get("converted", 0),
+    }
+    return kept, verification, summary
+
+
+def _opset_at_least(model, target: int, notes: list[str]):
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if opset >= target:
+        return model
+    try:
+        upgraded = pipeline.upgrade_opset(model, target)
+    except Exception as error:  # noqa: BLE001 (the converter's errors are its own types)
+        notes.append(f"--bf16: opset {opset} could not be upgraded to {target} ({error}); "
+                     "ops without bfloat16 types there stay float32")
+        return model
+    notes.append(f"--bf16: upgraded opset {opset} -> {target} with onnx's version converter "
+                 "(bfloat16 Conv, Gemm and most ops need it)")
+    return upgraded
 
 
 def _stage_row(runs: list, name: str, is_kept: bool, result, before: tuple, validity):

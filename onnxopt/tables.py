@@ -37,6 +37,8 @@ def render_validation(comparisons: list, reference: str, console: Console) -> No
         bound += f", cosine >= {tol.min_cosine:g}" if tol.min_cosine else ""
         console.print(f"{name} on {item.ep}: {result.status} on {result.batches} batches "
                      f"({item.precision} tolerance: {bound})")
+    for note in dict.fromkeys(n for item in comparisons for n in item.notes):  # once each
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 def _share(value: float | None) -> str:

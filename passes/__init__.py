@@ -14,6 +14,7 @@ from onnxopt.passes.quantize_dynamic import QuantizeDynamicOptions, QuantizeDyna
 from onnxopt.passes.quantize_int8 import QuantizeInt8Options, QuantizeInt8Pass
 from onnxopt.passes.smooth_activations import SmoothActivationsOptions, SmoothActivationsPass
 from onnxopt.passes.split_outliers import SplitOutliersOptions, SplitOutliersPass
+from onnxopt.passes.to_half import ToHalfOptions, ToHalfPass
 
 __all__ = ["REGISTRY", "DEFAULT_PIPELINE", "PassReport", "describe_passes"]
 __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNormOptions",
@@ -21,7 +22,8 @@ __all__ += ["CleanupPass", "CleanupOptions", "FoldBatchNormPass", "FoldBatchNorm
             "QuantizeDynamicOptions", "EqualizeCrossLayerPass", "FuseActivationsPass",
             "SmoothActivationsPass", "SmoothActivationsOptions", "SplitOutliersPass",
             "SplitOutliersOptions", "PruneWeightsPass", "PruneWeightsOptions",
-            "PruneChannelsPass", "PruneChannelsOptions", "FoldWeightsPass"]
+            "PruneChannelsPass", "PruneChannelsOptions", "FoldWeightsPass", "ToHalfPass",
+            "ToHalfOptions"]
 
 REGISTRY = {
     CleanupPass.name: CleanupPass,
@@ -33,6 +35,7 @@ REGISTRY = {
     QuantizeDynamicPass.name: QuantizeDynamicPass,
     PruneWeightsPass.name: PruneWeightsPass,  # `--sparsity` runs it with a budget and a target
     PruneChannelsPass.name: PruneChannelsPass,  # `--sparsity-pattern channels` runs it
+    ToHalfPass.name: ToHalfPass,  # `--fp16`/`--bf16` run it with decisions and a budget
 }
 # Not here: TransferPass (onnxopt.transfer; the API's registry adds it, see onnxopt.api), and
 # SmoothActivationsPass and SplitOutliersPass need per-channel ranges from

@@ -4,7 +4,10 @@ For each (provider, batch) all models are timed interleaved on the same inputs; 
 the first gets its latency ratio to the first with a bootstrap 95% CI. Each session also reports
 its peak memory (measured alone in a fresh process, see memprobe) and, from ORT's profiler,
 which provider ran each node. A provider that is not installed, or a model a provider
-cannot load, becomes a row with the reason; the other providers and models still run.
+cannot load, becomes a row with the reason; the other providers and models still run. A provider
+that is installed but does not register (TensorRT without its libraries) leaves a row labelled
+with the provider that ran instead, and a note saying why. CUDA keeps ORT's default TF32 math for
+fp32 Conv/MatMul unless `tf32` says otherwise; each GPU row says which it was.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class BenchOptions:
     shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     cuda_graph: bool = False  # replay the CUDA graph: removes launch overhead, needs fixed shapes
     placement: bool = True  # one extra profiled run per session
+    tf32: bool | None = None  # CUDA's use_tf32; None: ORT's default (on), as deployed sessions run
 
 
 @dataclasses.dataclass
@@ -53,6 +57,8 @@ class ModelTiming:
     memory_mb: float | None = None  # peak resident memory of the session alone (memprobe)
     placement: placement.Placement | None = None
     error: str | None = None
+    fp32_math: str | None = None  # GPU rows: TF32 or exact fp32 (runtime.fp32_math)
+    note: str | None = None  # the provider asked for did not register: why, and what ran
 
 
 @dataclasses.dataclass
@@ -112,8 +118,10 @@ def _bench_group(models, names, ep: str, batch: int, options: BenchOptions) -> l
         for model, row in zip(models, rows):
             try:
                 session = stack.enter_context(runtime.model_session(
-                    model, ep=ep, threads=options.threads, cuda_graph=options.cuda_graph))
-                runner = runtime.runner(session, feeds, ep)
+                    model, ep=ep, threads=options.threads, cuda_graph=options.cuda_graph,
+                    tf32=options.tf32))
+                _label(row, session, options.tf32)
+                runner = runtime.runner(session, feeds, row.ep)
                 runner()  # a model that cannot run on these inputs fails here, alone
                 runners.append(runner)
                 timed.append(row)
@@ -123,13 +131,20 @@ def _bench_group(models, names, ep: str, batch: int, options: BenchOptions) -> l
             latencies = bench.measure_runners(runners, ep=ep, batch=batch, warmup=options.warmup,
                                               runs=options.runs, seconds=options.seconds)
             for row, latency in zip(timed, latencies):
-                row.latency = latency
+                row.latency = dataclasses.replace(latency, ep=row.ep)
     _add_ratios(rows)
     if options.placement:
         for model, row in zip(models, rows):
             if row.error is None:
-                row.placement, row.memory_mb = _probe(model, feeds, ep, options.threads)
+                row.placement, row.memory_mb = _probe(model, feeds, row.ep, options)
     return rows
+
+
+def _label(row: ModelTiming, session, tf32: bool | None) -> None:
+    """The row takes the provider that really runs the session, not the one asked for."""
+    ran, note = runtime.ran_on(session, row.ep)
+    row.ep, row.note = ran, note or None
+    row.fp32_math = runtime.fp32_math(ran, tf32)
 
 
 def _add_ratios(rows: list[ModelTiming]) -> None:
@@ -139,13 +154,15 @@ def _add_ratios(rows: list[ModelTiming]) -> None:
             row.ratio = bench.ratio_ci(base.times_ms, row.latency.times_ms)
 
 
-def _probe(model: ir.Model, feeds, ep: str, threads: int):
+def _probe(model: ir.Model, feeds, ep: str, options: BenchOptions):
     """(placement, peak MB) of one session, each from a run of its own."""
+    threads = options.threads
     with tempfile.TemporaryDirectory(prefix="onnxopt-probe-") as tmp:
         path = Path(tmp) / "model.onnx"
         io.save(model, path)
         try:
-            where = placement.node_placement(str(path), feeds, ep=ep, threads=threads)
+            where = placement.node_placement(str(path), feeds, ep=ep, threads=threads,
+                                             tf32=options.tf32)
         except OnnxoptError:
             where = None
         return where, memprobe.session_peak_mb(str(path), feeds, ep, threads, tmp)

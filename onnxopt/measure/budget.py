@@ -46,6 +46,8 @@ class Budget:
 
     def holds(self, errors: list[verify.OutputError]) -> tuple[bool, str]:
         for out in errors:
+            if out.nonfinite:
+                return False, f"{out.name}: {out.nonfinite} NaN/Inf where the original is finite"
             if out.exact_only:  # integer output (argmax, counts): the share of equal elements
                 if not out.cosine >= (self.min_cosine or 0.0):
                     return False, (f"{out.name}: {out.cosine:.4f} of its elements equal "
@@ -179,25 +181,26 @@ ONE_SESSION_BYTES = 1 << 28
 
 
 def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
-                  seconds: float = _TIMING_SECONDS) -> tuple[float, float, float]:
-    """p50 latency of `second` / `first` on ORT CPU with its 95% CI: interleaved, or, for a
+                  seconds: float = _TIMING_SECONDS, ep: str = "cpu") -> tuple[float, float, float]:
+    """p50 latency of `second` / `first` on `ep` with its 95% CI: interleaved, or, for a
     model whose weights pass ONE_SESSION_BYTES, one session at a time (memory stays near one
     model; the two samples then see the machine at different moments)."""
     if io.weight_bytes(first) + io.weight_bytes(second) <= ONE_SESSION_BYTES:
-        with runtime.model_session(first) as a, runtime.model_session(second) as b:
-            runners = [runtime.runner(a, feeds), runtime.runner(b, feeds)]
-            before, after = bench.measure_runners(runners, seconds=seconds)
+        with runtime.model_session(first, ep=ep) as a, runtime.model_session(second, ep=ep) as b:
+            runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
+            before, after = bench.measure_runners(runners, ep=ep, seconds=seconds)
         return bench.ratio_ci(before.times_ms, after.times_ms)
     timed = []
     for model in (first, second):
-        with runtime.model_session(model) as session:
-            [latency] = bench.measure_runners([runtime.runner(session, feeds)], seconds=seconds)
+        with runtime.model_session(model, ep=ep) as session:
+            [latency] = bench.measure_runners([runtime.runner(session, feeds, ep)], ep=ep,
+                                              seconds=seconds)
             del session  # else it outlives the block and meets the next session in memory
         timed.append(latency.times_ms)
     return bench.ratio_ci(*timed)
 
 
-def slower(before: ir.Model, after: ir.Model, feeds, what: str = "float") -> str:
-    """'' when `after` is not measurably slower on ORT CPU, else the ratio with its 95% CI."""
-    ratio, low, high = latency_ratio(before, after, feeds)
+def slower(before: ir.Model, after: ir.Model, feeds, what: str = "float", ep: str = "cpu") -> str:
+    """'' when `after` is not measurably slower on `ep`, else the ratio with its 95% CI."""
+    ratio, low, high = latency_ratio(before, after, feeds, ep=ep)
     return f"{ratio:.2f}x the {what} latency, 95% CI {low:.2f}-{high:.2f}" if low > 1.0 else ""

@@ -40,11 +40,13 @@ class Placement:
 
 
 def node_placement(
-    model: str | os.PathLike | bytes, feeds: Mapping[str, np.ndarray], *, ep: str, threads: int = 0
+    model: str | os.PathLike | bytes, feeds: Mapping[str, np.ndarray], *, ep: str, threads: int = 0,
+    tf32: bool | None = None,
 ) -> Placement:
-    """Profile one run of `model` on `ep` and count the nodes each provider executed."""
+    """Profile one run of `model` on `ep` (made as the timed session was, `tf32` included) and
+    count the nodes each provider executed."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-profile-") as tmp:
-        session = runtime.make_session(model, ep=ep, threads=threads,
+        session = runtime.make_session(model, ep=ep, threads=threads, tf32=tf32,
                                        profile_prefix=str(Path(tmp) / "profile"))
         runtime.run(session, feeds)
         with open(session.end_profiling()) as handle:

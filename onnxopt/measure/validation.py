@@ -2,9 +2,11 @@
 
 The reference is model A on the first provider. With B, B runs on every provider and is compared
 with it; without B, A itself runs on the other providers (CPU vs CUDA). Each comparison gets a
-tolerance that fits what the candidate computes, unless the user gives one:
+tolerance that fits what the candidate computes, unless the user gives one. CUDA runs fp32
+exactly here (use_tf32 off, see runtime.provider_options); a provider that did not register is
+named, and each comparison is labelled with the provider that really ran.
     fp32, same provider:     |a - b| <= 1e-5 + 1e-4 |a|      (an exact rewrite reorders sums)
-    fp32, another provider:  |a - b| <= 1e-4 + 1e-3 |a|, cosine >= 0.9999   (other kernels, TF32)
+    fp32, another provider:  |a - b| <= 1e-4 + 1e-3 |a|, cosine >= 0.9999   (other kernels)
     fp16 weights or inputs:  |a - b| <= 1e-3 + 1e-2 |a|, cosine >= 0.999
     int8 (Q/DQ or integer ops): no elementwise bound; cosine >= 0.99
 """
@@ -44,6 +46,7 @@ class Comparison:
     precision: str  # fp32, fp16 or int8: what the tolerance was chosen for
     tolerance: Tolerance
     verification: Verification
+    notes: list[str] = dataclasses.field(default_factory=list)  # providers that did not register
 
 
 def precision_of(model: ir.Model) -> str:
@@ -98,17 +101,19 @@ def validate_providers(
         feeds = inputs.load_npz(inputs_file, model_a)
     else:
         feeds = inputs.generate(model_a, shapes=shapes, batches=batches, seed=seed)
-    reference_ep = eps[0]
-    reference = verify_mod.reference_outputs(model_a, feeds, ep=reference_ep)
+    reference, reference_ep, reference_note = verify_mod.provider_outputs(model_a, feeds,
+                                                                        ep=eps[0])
     if model_b is not None:
         candidates = [(b, model_b, ep) for ep in eps]
     else:
         candidates = [(a, model_a, ep) for ep in (eps if ort_optimize else eps[1:])]
     comparisons = []
     for path, model, ep in candidates:
-        precision, profile = tolerance_for(model, same_provider=ep == reference_ep)
+        precision, profile = tolerance_for(model, same_provider=ep == eps[0])
         chosen = tolerance or profile
         result = verify_mod.verify(model, reference, feeds, chosen, ep=ep,
                                    optimize=ort_optimize)
-        comparisons.append(Comparison(str(path), ep, reference_ep, precision, chosen, result))
+        notes = [n for n in (reference_note, result.note) if n]
+        comparisons.append(Comparison(str(path), result.ran_on or ep, reference_ep, precision,
+                                      chosen, result, notes))
     return comparisons

@@ -77,7 +77,7 @@ def checker_problem(model: ir.Model, *, full: bool = False) -> str:
 def load_problem(model: ir.Model) -> str:
     """Why ONNX Runtime's CPU provider cannot create a session for `model`, or ""."""
     try:
-        with runtime.model_session(model, optimize=False):
+        with runtime.model_session(model, optimize=False, prepack=False):
             pass
     except (runtime.RuntimeFailure, BadInputError) as error:  # BadInputError: no ORT at all
         return str(error)

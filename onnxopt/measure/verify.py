@@ -29,7 +29,8 @@ from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 from onnxopt.measure import runtime
 
-__all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "verify", "compare"]
+__all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "provider_outputs",
+           "verify", "compare"]
 
 Outputs = dict[str, object]
 # An exact rewrite may round like ORT's own fusions do, a few times over: deep networks ending in
@@ -59,6 +60,7 @@ class OutputError:
     top1: float | None = None
     top5: float | None = None
     exact_only: bool = False  # integer/bool output: cosine is the share of equal elements
+    nonfinite: int = 0  # NaN/Inf elements where the reference is finite
 
 
 @dataclasses.dataclass
@@ -69,6 +71,8 @@ class Verification:
     batches: int = 0
     floor: dict[str, float] = dataclasses.field(default_factory=dict)  # see noise_floor
     invalid: bool = False  # failed for the model itself (checker, ORT load), not its numbers
+    ran_on: str = ""  # the provider that produced the outputs ("" when none ran)
+    note: str = ""  # why that is not the provider asked for (see runtime.ran_on), else ""
 
     @property
     def passed(self) -> bool:
@@ -88,8 +92,22 @@ def reference_outputs(
     model: ir.Model, feeds: Sequence[Feeds], *, optimize: bool = False, ep: str = "cpu"
 ) -> list[Outputs]:
     """Outputs of `model` for every batch; raises RuntimeFailure when ORT cannot run it."""
-    with runtime.model_session(model, optimize=optimize, ep=ep) as session:
-        return [runtime.run(session, batch) for batch in feeds]
+    return provider_outputs(model, feeds, optimize=optimize, ep=ep)[0]
+
+
+def provider_outputs(
+    model: ir.Model, feeds: Sequence[Feeds], *, optimize: bool = False, ep: str = "cpu"
+) -> tuple[list[Outputs], str, str]:
+    """(outputs for every batch, the provider that ran them, a note when that is not `ep`).
+
+    These numbers are compared, so CUDA runs fp32 exactly (tf32=False: ORT's default TF32 puts
+    correct models 33-80 dB from CPU). A few batches do not repay the weights' prepacking (see
+    runtime.make_session)."""
+    with runtime.model_session(model, optimize=optimize, ep=ep, prepack=False,
+                               tf32=False) as session:
+        outputs = [runtime.run(session, batch) for batch in feeds]
+        ran, note = runtime.ran_on(session, ep)
+    return outputs, ran, note
 
 
 def noise_floor(model: ir.Model, reference: Sequence[Outputs], feeds: Sequence[Feeds]) -> dict:
@@ -115,14 +133,15 @@ def verify(
     """Run `model` on `ep` and compare with `reference`. A model the provider cannot load or
     run fails; a provider that is not installed is "skipped" (nothing was compared)."""
     try:
-        outputs = reference_outputs(model, feeds, optimize=optimize, ep=ep)
+        outputs, ran, note = provider_outputs(model, feeds, optimize=optimize, ep=ep)
     except runtime.RuntimeFailure as error:
         return Verification("failed", reason=str(error), batches=len(feeds))
     except BadInputError as error:
         return Verification("skipped", reason=str(error), batches=len(feeds))
     errors = compare(reference, outputs, tolerance, floor)
     status = "passed" if all(e.is_close for e in errors) else "failed"
-    return Verification(status, outputs=errors, batches=len(feeds), floor=dict(floor or {}))
+    return Verification(status, outputs=errors, batches=len(feeds), floor=dict(floor or {}),
+                        ran_on=ran, note=note)
 
 
 def compare(
@@ -225,7 +244,13 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
     reason = ""
     if cosine < tol.min_cosine:
         is_close, reason = False, f"cosine {cosine:.6f} < {tol.min_cosine}"
-    return OutputError(name, max_abs, max_rel, cosine, sqnr, is_close, reason)
+    # Metrics above skip non-finite elements; a NaN or Inf the reference does not have is a
+    # failure whatever they say (a float16 overflow looks like this).
+    nonfinite = int(np.count_nonzero(np.isfinite(a) & ~np.isfinite(b)))
+    if nonfinite:
+        is_close, reason = False, f"{nonfinite} NaN/Inf where the reference is finite"
+    return OutputError(name, max_abs, max_rel, cosine, sqnr, is_close, reason,
+                       nonfinite=nonfinite)
 
 
 def _worse(old: OutputError | None, new: OutputError) -> OutputError:
@@ -240,4 +265,5 @@ def _worse(old: OutputError | None, new: OutputError) -> OutputError:
         old.is_close and new.is_close,
         old.reason or new.reason,
         exact_only=new.exact_only,
+        nonfinite=old.nonfinite + new.nonfinite,
     )

@@ -1,0 +1,332 @@
+"""`--fp16` / `--bf16`: the float32 model in half precision where the data, the provider and the
+accuracy budget allow it, float32 elsewhere, and never slower than float32 where that can be
+measured.
+
+  1. Decide (decide.py): nodes the target provider has no half kernel for, long sums, shape
+     arithmetic, and (float16) tensors the float32 model drives past 65504 or below 2^-14 on
+     the verification inputs stay float32; `--keep-float` adds names.
+  2. Convert (passes/to_half.py) and judge against the float32 model's outputs on the same
+     inputs: no NaN/Inf where float32 has none, every output within the budget (cosine >= 0.999
+     unless `--max-error` says otherwise). Judged by running the half model on the target
+     provider when this machine has it, else by emulation (emulate.py: float32 arithmetic,
+     every half tensor rounded where the target would store it in half).
+  3. Fall back: when the budget is missed, the nodes whose own rounding adds the most error
+     (one emulated run, each node's output error against the float32 model's, minus the error
+     already in its inputs) go back to float32, the worst 1, 2, 4, ... then a bisection to the
+     fewest that hold. When nothing holds, the float32 model stays.
+  4. On a CUDA machine: the half model's nodes that ONNX Runtime still runs on the CPU go back
+     to float32, and half is kept only if it is not measurably slower than float32 there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from onnxopt.calib.activations import iter_activations
+from onnxopt.errors import BadInputError
+from onnxopt.measure import placement, runtime, verify
+from onnxopt.measure.budget import Budget, latency_ratio
+from onnxopt.passes.to_half import HALF_TYPES, ToHalfOptions, ToHalfPass, fill_dtypes, half_inputs
+from onnxopt.precision import decide
+from onnxopt.precision.emulate import emulated
+
+__all__ = ["TARGETS", "HalfOptions", "HalfResult", "check_convertible", "to_half"]
+
+TARGETS = ("ort-cuda", "ort-cpu", "tensorrt")
+_PROVIDER = {"ort-cuda": "cuda", "tensorrt": "cuda", "ort-cpu": "cpu"}
+_MAX_FALLBACK = 0.5  # past half the converted nodes back in float32, half has little left
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfOptions:
+    dtype: str = "float16"  # or bfloat16 (--bf16): float32's range, fewer mantissa bits
+    target: str = "ort-cuda"  # what half is for: GPUs; ort-cpu is allowed and measured too
+    keep_io_types: bool = True  # inputs and outputs stay float32: callers need not change
+    # The half tolerance of `onnxopt validate`: every output's cosine with float32 >= 0.999.
+    budget: Budget = dataclasses.field(default_factory=lambda: Budget(min_cosine=0.999))
+    keep_float: str | None = None  # node names, comma-separated regular expressions
+    # Half that runs slower than float32 on the target, where the target is here to time it,
+    # is not kept; False keeps it anyway (--allow-slower).
+    check_speed: bool = True
+
+
+@dataclasses.dataclass
+class HalfResult:
+    model: ir.Model
+    is_half: bool
+    verification: verify.Verification
+    kept_float: dict[str, str]  # node name -> why it stays float32
+    judged_on: str  # "cuda", "cpu" or "emulation"
+    speed: str  # what was measured about speed, or why nothing was
+    log: list[str] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    cpu_failure: str = ""  # why ORT CPU could not run the half model, when it was tried
+
+
+def check_convertible(model: ir.Model, dtype: str, where: str) -> None:
+    """A one-line error for a model with nothing to convert: already in half, or no float32
+    weights and compute at all."""
+    floats = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+    halves = [v for v in model.graph.initializers.values() if v.dtype in HALF_TYPES.values()]
+    computes = any(node.outputs and node.outputs[0].dtype == ir.DataType.FLOAT
+                   for node in model.graph)
+    flag = "--fp16" if dtype == "float16" else "--bf16"
+    if not floats and halves:
+        raise BadInputError(f"{where}: {flag}: the model is already in half precision "
+                            f"({len(halves)} half weights, no float32 ones)")
+    if not floats and not computes:
+        raise BadInputError(f"{where}: {flag}: the model has no float32 weights or compute "
+                            "to convert")
+
+
+def to_half(model: ir.Model, options: HalfOptions, notes: list[str], *, feeds: list,
+            reference: list, progress: Callable[[str], None] = lambda _: None) -> HalfResult:
+    """The flow of the module docstring on `model` (float32), judged on `feeds` against the
+    float32 model's `reference` outputs."""
+    model = _named(model)
+    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 1))
+    inputs_of = functools.partial(half_inputs, opset=opset, dtype=options.dtype)
+    progress(f"deciding which nodes stay float32 ({options.dtype})")
+    reasons = decide.graph_reasons(model, options.dtype, options.target, inputs_of)
+    ranges = decide.activation_ranges(model, feeds)
+    reasons.update({k: v for k, v in decide.data_reasons(model, options.dtype, ranges,
+                                                         inputs_of).items() if k not in reasons})
+    for name in _user_kept(model, options.keep_float):
+        reasons.setdefault(name, "--keep-float")
+    trial = _Trial(model, options, feeds, reference)
+    progress(f"converting to {options.dtype} and checking against float32")
+    outcome = trial.run(reasons)
+    if trial.ep != "cpu" and outcome.holds:  # what ORT still runs on the CPU goes back
+        outcome = _placed(trial, outcome, reasons, feeds[0])
+    if not outcome.holds and outcome.converted:
+        progress("finding the nodes that break the budget")
+        outcome = _fall_back(trial, outcome, reasons, notes)
+    speed = _speed_note(trial, options)
+    if outcome.holds and outcome.converted and options.check_speed and trial.ep != "emulation" \
+            and trial.ep == _PROVIDER[options.target]:
+        ratio, low, high = latency_ratio(model, outcome.model, feeds[0], ep=trial.ep)
+        speed = (f"{options.dtype} / float32 latency on {trial.ep}: {ratio:.2f}x "
+                 f"(95% CI {low:.2f}-{high:.2f})")
+        if low > 1.0:
+            notes.append(f"{options.dtype} ran slower than float32 on {trial.ep} ({speed}); "
+                         "kept float32")
+            return _float_kept(model, outcome, reasons, trial, speed, f"slower: {speed}")
+    if not outcome.holds or not outcome.converted:
+        why = outcome.why if outcome.converted else "no node could go to half"
+        return _float_kept(model, outcome, reasons, trial, speed, why)
+    return HalfResult(outcome.model, True, outcome.verification, outcome.kept, trial.judged_on,
+                      speed, outcome.log, outcome.counts, trial.cpu_failure)
+
+
+def _named(model: ir.Model) -> ir.Model:
+    """A copy (sharing the weights) whose nodes all have names, since nodes are kept float32
+    by name, and whose values all have element types, since that decides which compute in
+    float32."""
+    copy = model.clone()
+    common.NameFixPass()(copy)
+    fill_dtypes(copy)
+    return copy
+
+
+def _user_kept(model: ir.Model, patterns: str | None) -> list[str]:
+    if not patterns:
+        return []
+    compiled = []
+    for text in filter(None, (p.strip() for p in patterns.split(","))):
+        try:
+            compiled.append(re.compile(text))
+        except re.error as error:
+            raise BadInputError(f"--keep-float {text!r}: not a regular expression ({error})")
+    return [n.name for n in model.graph if any(p.fullmatch(n.name) for p in compiled)]
+
+
+@dataclasses.dataclass
+class _Outcome:
+    model: ir.Model
+    verification: verify.Verification
+    holds: bool
+    why: str
+    kept: dict[str, str]
+    converted: int
+    log: list[str]
+    counts: dict[str, int]
+
+
+class _Trial:
+    """Half of a copy of the model with some nodes kept float32, judged on the feeds."""
+
+    def __init__(self, model: ir.Model, options: HalfOptions, feeds: list, reference: list):
+        self.model, self.options, self.feeds, self.reference = model, options, feeds, reference
+        wanted = _PROVIDER[options.target]
+        available = runtime.onnxruntime().get_available_providers()
+        self.ep = wanted if runtime.PROVIDERS[wanted][0] in available else "cpu"
+        # Without the target, the half model's numbers come from emulation, not ORT CPU: for
+        # an op without a half kernel ORT CPU computes in float32 between Casts it inserts and
+        # then merges, so a float16 overflow or cancellation that CUDA would show is hidden.
+        self.emulate = self.ep != wanted
+        self.cpu_failure = ""  # why ORT CPU could not run the half model, when it could not
+
+    @property
+    def judged_on(self) -> str:
+        return "emulation" if self.emulate else self.ep
+
+    def convert(self, kept: dict[str, str]) -> tuple[ir.Model, object]:
+        copy = self.model.clone()
+        report = ToHalfPass(ToHalfOptions(self.options.dtype, frozenset(kept),
+                                          self.options.keep_io_types))(copy)
+        return copy, report
+
+    def run(self, kept: dict[str, str]) -> _Outcome:
+        half, report = self.convert(kept)
+        checked = self._verify(half)
+        holds, why = (self.options.budget.holds(checked.outputs) if checked.outputs
+                      else (False, checked.reason))
+        checked.status, checked.reason = ("passed" if holds else "failed"), why
+        return _Outcome(half, checked, holds, why, dict(kept), report.counts.get("converted", 0),
+                        list(report.log), dict(report.counts))
+
+    def _verify(self, half: ir.Model) -> verify.Verification:
+        tolerance = verify.Tolerance(elementwise=False)
+        if not self.emulate:
+            checked = verify.verify(half, self.reference, self.feeds, tolerance, ep=self.ep)
+            if checked.outputs or self.ep != "cpu":
+                return checked
+            self.emulate, self.cpu_failure = True, checked.reason  # ORT CPU lacks a kernel
+        return verify.verify(emulated(half), self.reference, self.feeds, tolerance)
+
+
+def _placed(trial: _Trial, outcome: _Outcome, reasons: dict[str, str], feeds) -> _Outcome:
+    """Nodes of op types ONNX Runtime ran on the CPU in the half model's GPU session go back to
+    float32 (a half node on the CPU costs two copies and a slow kernel), and the model again."""
+    with runtime.model_file(outcome.model) as source:
+        placed = placement.node_placement(source, feeds, ep=trial.ep)
+    if not placed.fallback:
+        return outcome
+    kept = dict(reasons)
+    for node in trial.model.graph:
+        if node.op_type in placed.fallback and node.name not in kept:
+            kept[node.name] = f"ONNX Runtime ran its {node.op_type} on the CPU in half"
+    again = trial.run(kept)
+    return again if again.holds else outcome
+
+
+def _fall_back(trial: _Trial, full: _Outcome, reasons: dict[str, str],
+               notes: list[str]) -> _Outcome:
+    """The worst culprits (by the error their own rounding adds, each with the upstream nodes
+    whose rounding it amplifies) back to float32: 1, 2, 4, ... until the budget holds, then a
+    bisection to the fewest."""
+    groups = _culprits(trial, full)
+    if not groups:
+        return full
+
+    def kept(count: int) -> dict[str, str]:
+        names = [name for group in groups[:count] for name in group]
+        return {**reasons, **{name: "accuracy budget" for name in names}}
+
+    limit = max(1, int(len(groups) * _MAX_FALLBACK))
+    missed, count = 0, 1
+    while True:
+        count = min(count, limit)
+        outcome = trial.run(kept(count))
+        if outcome.holds:
+            break
+        if count >= limit:
+            notes.append(f"{trial.options.dtype}: the budget was missed ({full.why}) even with "
+                         f"the {count} worst of {len(groups)} culprits back in float32")
+            return full
+        missed, count = count, count * 2
+    while count - missed > 1:
+        middle = (missed + count) // 2
+        candidate = trial.run(kept(middle))
+        if candidate.holds:
+            count, outcome = middle, candidate
+        else:
+            missed = middle
+    names = [name for group in groups[:count] for name in group]
+    notes.append(f"kept float32 to hold the accuracy budget ({full.why} with all in "
+                 f"{trial.options.dtype}): " + ", ".join(repr(n) for n in names))
+    return outcome
+
+
+def _culprits(trial: _Trial, full: _Outcome) -> list[list[str]]:
+    """Groups of converted nodes, worst first. Each value is compared with float32 as the half
+    model stores it (rounded), on one batch. A node's blame is its output's relative error
+    minus the largest relative error among its inputs: what its own rounding adds. Its group
+    adds the converted producers whose absolute error carries at least half of its own: a
+    cancellation (x + 3000 - 3000) shows its error at the subtraction, but the rounding that
+    caused it was upstream, and only float32 there removes it."""
+    rounded: dict[str, str] = {}
+    half = emulated(full.model, rounded)
+    graph = trial.model.graph
+    converted = {n.name: n for n in graph if n.name not in full.kept and n.outputs
+                 and n.outputs[0].name in rounded}
+    names = sorted({v.name for n in converted.values() for v in (*n.inputs, *n.outputs)
+                    if v is not None and v.name in rounded})
+    exact = next(iter_activations(trial.model, trial.feeds[:1], names))
+    stored = next(iter_activations(half, trial.feeds[:1], [rounded[n] for n in names]))
+    absolute, relative = {}, {}
+    for name in names:
+        a = np.asarray(exact[name], dtype=np.float64)
+        b = np.asarray(stored[rounded[name]], dtype=np.float64)
+        finite = np.isfinite(a)
+        if not np.all(np.isfinite(b[finite])):
+            absolute[name] = relative[name] = np.inf
+            continue
+        absolute[name] = float(np.linalg.norm(a[finite] - b[finite]))
+        norm = float(np.linalg.norm(a[finite]))
+        relative[name] = absolute[name] / norm if norm > 0 else 0.0
+    blame = {}
+    for name, node in converted.items():
+        own = relative[node.outputs[0].name]
+        inherited = max((relative.get(v.name, 0.0) for v in node.inputs if v is not None),
+                        default=0.0)
+        blame[name] = own if inherited == np.inf else own - inherited
+    groups, taken = [], set()
+    for name in sorted(blame, key=lambda n: -blame[n]):
+        if name in taken:
+            continue
+        group = _upstream(converted[name], converted, absolute)
+        group = [n for n in group if n not in taken]
+        taken.update(group)
+        groups.append(group)
+    return groups
+
+
+def _upstream(node: ir.Node, converted: dict[str, ir.Node], absolute: dict[str, float],
+              most: int = 8) -> list[str]:
+    """`node` and the converted producers upstream whose output's absolute error is at least
+    half of what they feed into (the error came from there, not from the node itself)."""
+    group, frontier = [node.name], [node]
+    while frontier and len(group) < most:
+        current = frontier.pop()
+        carried = absolute.get(current.outputs[0].name, 0.0)
+        for value in current.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is None or producer.name not in converted or producer.name in group:
+                continue
+            if carried > 0 and absolute.get(value.name, 0.0) >= 0.5 * carried:
+                group.append(producer.name)
+                frontier.append(producer)
+    return group
+
+
+def _speed_note(trial: _Trial, options: HalfOptions) -> str:
+    wanted = _PROVIDER[options.target]
+    if trial.ep == wanted:
+        return "" if options.check_speed else "not measured (--allow-slower)"
+    return (f"not measured: this ONNX Runtime has no {runtime.PROVIDERS[wanted][0]}; accuracy "
+            f"judged {'by emulation' if trial.emulate else 'on ORT CPU'}")
+
+
+def _float_kept(model: ir.Model, outcome: _Outcome, reasons: dict[str, str], trial: _Trial,
+                speed: str, why: str) -> HalfResult:
+    verification = dataclasses.replace(outcome.verification, status="failed", reason=why)
+    return HalfResult(model, False, verification, reasons, trial.judged_on, speed,
+                      outcome.log, outcome.counts, trial.cpu_failure)
