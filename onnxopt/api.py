@@ -169,21 +169,18 @@ def optimize(
         model, verification, sparsity_summary = stages.sparsity_stage(
             model, verification, runs, options, feeds, validity, notes, say)
         clock.lap("sparsity")
-    half_summary = None
-    if options.half is not None:
-        known = checker.reference if isinstance(checker, pipeline.Checker) else None
-        model, verification, half_summary = stages.half_stage(
-            model, verification, runs, options, feeds, known, validity, notes, say)
-        clock.lap("half")
-    int8_summary = None
-    if options.int8 is not None:
-        known = checker.reference if isinstance(checker, pipeline.Checker) else None
-        model, verification, int8_summary = stages.int8_stage(
-            model, verification, runs, options, feeds, known, validity, notes, say)
-        clock.lap("int8")
+    # --fp16/--bf16 or --int8 (never both), judged against the original's outputs when known.
+    known = checker.reference if isinstance(checker, pipeline.Checker) else None
+    summaries = {}
+    for key, stage in (("half", stages.half_stage), ("int8", stages.int8_stage)):
+        if getattr(options, key) is not None:
+            model, verification, summaries[key] = stage(
+                model, verification, runs, options, feeds, known, validity, notes, say)
+            clock.lap(key)
     report = Report(str(src) if path else "<in-memory model>", str(dst) if dst else None,
                     original_stats, original_stats, runs, verification, notes=notes,
-                    int8=int8_summary, sparsity=sparsity_summary, half=half_summary,
+                    int8=summaries.get("int8"), sparsity=sparsity_summary,
+                    half=summaries.get("half"),
                     validity=validity.describe())
     if options.bench:
         say("timing original vs optimized")

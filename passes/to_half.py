@@ -37,6 +37,8 @@ _LOST_SHARE = 0.05  # a weight float16 moves by more than this share of its norm
 _ALWAYS_FLOAT = {"Range"}
 # Any precision in, the `to` attribute decides the output: no Cast needed before them.
 _CASTS = {"Cast", "CastLike"}
+# Their output's type is their `value` attribute's: converted by rewriting that tensor.
+_VALUE_ATTRIBUTE = {"Constant", "ConstantOfShape"}
 # Only move or select data: a model whose convertible nodes are all of these gains nothing.
 _DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat",
                   "Slice", "Gather", "Split", "Expand", "Tile", "Pad", "Cast", "Shape", "Size"}
@@ -137,6 +139,8 @@ def half_inputs(node: ir.Node, opset: int, dtype: str = "float16") -> tuple[int,
         param = formal[min(index, len(formal) - 1)] if formal else None
         if param == constraint:
             positions.append(index)
+    if not positions and node.op_type not in _VALUE_ATTRIBUTE:
+        return None  # typed by an attribute this pass does not rewrite (RandomNormal's dtype)
     return tuple(positions)
 
 
@@ -224,10 +228,27 @@ class _Rewriter:
                 node.replace_input_with(index, self._half_of(value))
         if node.op_type == "Cast":
             node.attributes["to"] = ir.AttrInt64("to", self.half)
+        if node.op_type in _VALUE_ATTRIBUTE:
+            self._half_value_attribute(node)
         for output in node.outputs:
             if output.dtype == ir.DataType.FLOAT and self._shares_constraint(node, output):
                 output.type = ir.TensorType(self.half)
                 self.made_half.add(output)
+
+    def _half_value_attribute(self, node: ir.Node) -> None:
+        """Constant / ConstantOfShape: their value (a ConstantOfShape without one fills 0.0,
+        a Constant may say value_float(s)) as a half tensor."""
+        attributes = node.attributes
+        if "value" in attributes:
+            data = attributes["value"].as_tensor().numpy()
+        elif "value_float" in attributes:
+            data = np.asarray(attributes.pop("value_float").as_float(), dtype=np.float32)
+        elif "value_floats" in attributes:
+            data = np.asarray(attributes.pop("value_floats").as_floats(), dtype=np.float32)
+        else:
+            data = np.zeros(1, dtype=np.float32)
+        attributes["value"] = ir.AttrTensor("value", ir.tensor(data.astype(self.half.numpy()),
+                                                               dtype=self.half))
 
     def _shares_constraint(self, node: ir.Node, output: ir.Value) -> bool:
         """Outputs typed by the same constraint as the first (BatchNormalization's running

@@ -30,6 +30,7 @@ class Placement:
     nodes: dict[str, int]  # provider short name -> nodes it ran
     fallback: dict[str, int]  # op type -> nodes that ran on the CPU although `ep` was asked for
     copies: int = 0  # MemcpyToHost / MemcpyFromHost nodes between providers
+    cpu_nodes: tuple[str, ...] = ()  # names of the nodes that fell back (ORT's names after fusion)
 
     def summary(self) -> str:
         taken = ", ".join(f"{ep} {n}" for ep, n in sorted(self.nodes.items()))
@@ -67,7 +68,7 @@ def placement_from_profile(events: list[dict], ep: str) -> Placement:
         op_types[node] = args.get("op_name", "?")
     nodes = Counter(providers.values())
     copies = sum(1 for op in op_types.values() if op.startswith("Memcpy"))
-    fallback = Counter() if ep == "cpu" else Counter(
-        op_types[n] for n, p in providers.items() if p == "cpu" and not op_types[n].startswith("Memcpy")
-    )
-    return Placement(ep, dict(nodes), dict(fallback), copies)
+    fell = [] if ep == "cpu" else [n for n, p in providers.items()
+                                   if p == "cpu" and not op_types[n].startswith("Memcpy")]
+    fallback = Counter(op_types[n] for n in fell)
+    return Placement(ep, dict(nodes), dict(fallback), copies, tuple(fell))

@@ -101,13 +101,12 @@ def _shape_arithmetic(graph: ir.Graph, half_inputs) -> set[ir.Node]:
     half node would not take in half (a size, a scale), never in data or a model output."""
     outputs = set(graph.outputs)
     memo: dict[ir.Node, bool] = {}
-
-    def only_shapes(node: ir.Node) -> bool:
-        if node not in memo:
-            memo[node] = _reaches_only_shapes(node, outputs, half_inputs, only_shapes)
-        return memo[node]
-
-    return {node for node in graph if half_inputs(node) is not None and only_shapes(node)}
+    # Readers come after their producers in a graph: deciding in reverse order has every
+    # reader's answer ready (no recursion, which a 400-node-deep DenseNet would exhaust).
+    for node in reversed(list(graph)):
+        memo[node] = _reaches_only_shapes(node, outputs, half_inputs,
+                                          lambda reader: memo.get(reader, False))
+    return {node for node in graph if half_inputs(node) is not None and memo[node]}
 
 
 def _reaches_only_shapes(node: ir.Node, outputs: set, half_inputs, only_shapes) -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxopt.passes._graph import NameSource
+
 __all__ = ["HALF", "emulated"]
 
 HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -31,13 +33,16 @@ def emulated(model: ir.Model, rounded: dict[str, str] | None = None) -> ir.Model
             data = value.const_value.numpy().astype("float32")
             value.const_value = ir.tensor(data, name=value.name)
             value.type = ir.TensorType(ir.DataType.FLOAT)
-    names = {v.name for node in graph for v in node.outputs} | {v.name for v in graph.inputs}
+    names = NameSource(graph)
     for value in list(graph.inputs):
         if value.dtype in HALF and not value.is_initializer():
             half = value.dtype
             value.type = ir.TensorType(ir.DataType.FLOAT)
             _round_after(graph, value, half, names, rounded, first=True)
     for node in list(graph):
+        if node.op_type in ("Constant", "ConstantOfShape") and node.outputs[0].dtype in HALF:
+            _float_value_attribute(node)  # half values, exactly, in float32: nothing to round
+            continue
         if node.op_type == "Cast" and _to(node) in HALF:
             # The Cast to half stays; its output is read back as float32 by everyone.
             _round_after(graph, node.outputs[0], _to(node), names, rounded, keep_cast=node)
@@ -50,12 +55,20 @@ def emulated(model: ir.Model, rounded: dict[str, str] | None = None) -> ir.Model
     return copy
 
 
+def _float_value_attribute(node: ir.Node) -> None:
+    value = node.attributes.get("value")
+    if value is not None:
+        data = value.as_tensor().numpy().astype("float32")
+        node.attributes["value"] = ir.AttrTensor("value", ir.tensor(data))
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+
+
 def _to(node: ir.Node) -> int | None:
     attr = node.attributes.get("to")
     return None if attr is None else ir.DataType(attr.value)
 
 
-def _round_after(graph: ir.Graph, value: ir.Value, half: ir.DataType, names: set[str],
+def _round_after(graph: ir.Graph, value: ir.Value, half: ir.DataType, names: NameSource,
                  rounded: dict[str, str] | None, *, first: bool = False,
                  keep_cast: ir.Node | None = None) -> None:
     """Every reader of `value` (and the graph output it may be) gets float32(half(value))."""
@@ -63,14 +76,14 @@ def _round_after(graph: ir.Graph, value: ir.Value, half: ir.DataType, names: set
     nodes = []
     source = value
     if keep_cast is None:
-        down = ir.node("Cast", [value], {"to": half}, name=_fresh(f"{value.name}_to_half", names))
-        down.outputs[0].name = _fresh(f"{value.name}_half", names)
+        down = ir.node("Cast", [value], {"to": half}, name=names(f"{value.name}_to_half"))
+        down.outputs[0].name = names(f"{value.name}_half")
         down.outputs[0].type = ir.TensorType(half)
         nodes.append(down)
         source = down.outputs[0]
     up = ir.node("Cast", [source], {"to": ir.DataType.FLOAT},
-                 name=_fresh(f"{value.name}_to_float", names))
-    up.outputs[0].name = _fresh(f"{value.name}_rounded", names)
+                 name=names(f"{value.name}_to_float"))
+    up.outputs[0].name = names(f"{value.name}_rounded")
     up.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     up.outputs[0].shape = value.shape
     nodes.append(up)
@@ -81,7 +94,7 @@ def _round_after(graph: ir.Graph, value: ir.Value, half: ir.DataType, names: set
     for position, output in enumerate(graph.outputs):
         if output is value:  # the model output keeps its name, rounded
             name = value.name
-            value.name = _fresh(f"{name}_unrounded", names)
+            value.name = names(f"{name}_unrounded")
             up.outputs[0].name = name
             graph.outputs[position] = up.outputs[0]
     producer = value.producer()
@@ -93,11 +106,3 @@ def _round_after(graph: ir.Graph, value: ir.Value, half: ir.DataType, names: set
         graph.insert_before(next(iter(graph)), nodes)
     else:
         graph.extend(nodes)
-
-
-def _fresh(base: str, names: set[str]) -> str:
-    name, index = base, 1
-    while name in names:
-        name, index = f"{base}_{index}", index + 1
-    names.add(name)
-    return name
