@@ -1,14 +1,14 @@
 """Fuzz campaign: mutated models through every command; each must end in a one-line error
 (exit 2) or a valid model, and never touch its input.
 
-    python benchmarks/fuzz.py                      # 1,000 cases, 2 workers, ~15 min on 2 cores
+    python benchmarks/fuzz.py                      # 1,000 cases, 2 workers, ~25 s on 2 cores
     python benchmarks/fuzz.py --cases 50 --seed 7  # a quick look
 
 Seeds: the embedded default and every model in models/. Each case draws a seed model, a
 mutation (MUTATIONS: truncated files, flipped bytes in the protobuf and in tensors, dropped or
 duplicated nodes, renamed or retyped inputs, shape lies, cycles, wrong opsets and IR versions,
 huge dims, external data pointing outside the folder or truncated, ...) and one command
-(COMMANDS: optimize, --int8, --sparsity, validate, inspect, transfer), all from one fixed seed
+(COMMANDS: optimize, --int8, --sparsity, --fp16, validate, inspect, transfer), all from one fixed seed
 (random data, announced). A case fails when it
   - exits with anything but 0, 1 (a check over tolerance) or 2 (bad input), e.g. 3 (our bug),
     or dies (a signal: ONNX Runtime or protobuf crashed the process);
@@ -308,6 +308,8 @@ COMMANDS = {
                                   "--batches", "1", "-q"],
     "sparsity": lambda m, orig, out: ["optimize", m, "-o", out, "--sparsity", "0.5", "--bench",
                                       "none", "--batches", "1", "-q"],
+    "fp16": lambda m, orig, out: ["optimize", m, "-o", out, "--fp16", "--bench", "none",
+                                  "--batches", "1", "-q"],
     "validate": lambda m, orig, out: ["validate", orig, m, "--batches", "1"],
     "inspect": lambda m, orig, out: ["inspect", m],
     "transfer": lambda m, orig, out: ["transfer", orig, m, "-o", out, "--batches", "1"],

@@ -146,7 +146,7 @@ def _larger_batch_hint(model: ir.Model, half: ir.Model, feeds: dict, ep: str,
     return (f"{dtype} is {1 / ratio:.2f}x faster than float32 at batch {THROUGHPUT_BATCH} on "
             f"{ep} (95% CI {1 / high:.2f}-{1 / low:.2f}x): if you run batches, declare them "
             f"(--shape {name}:{THROUGHPUT_BATCH},... or --inputs of that batch) and "
-            f"{dtype} is judged, and kept, there")
+            f"{dtype} is judged at that batch")
 
 
 def _at_batch(model: ir.Model, feeds: dict, batch: int) -> dict | None:
