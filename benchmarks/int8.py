@@ -5,7 +5,9 @@
                               [--json benchmarks/results/int8-<date>.json]
 
 Models: the embedded default (`digits_resnet`), PP-OCR cls, rec, det and MiniLM (TorchScript
-export) from benchmarks/real_models.py. Per model, both tools get the SAME calibration data, a set
+export) from benchmarks/real_models.py, and `silu_detector` (models/silu_detector_ts.onnx, a
+YOLO-style SiLU network with random weights, at 320x320: fidelity only, issue 18) and
+`silu_detector_w4` (the same with 4x the channels, exported into benchmarks/work/ on first use). Per model, both tools get the SAME calibration data, a set
 disjoint from the evaluation set, and the same method:
   * digits_resnet: the first 64 bundled samples (`digits_samples.npz` 'image'); evaluation: the
     other 192, top-1 against 'label';
@@ -70,9 +72,12 @@ import real_models
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "onnxopt" / "data" / "digits_resnet.onnx"
 DIGITS_SAMPLES = ROOT / "onnxopt" / "data" / "digits_samples.npz"
-MODELS = ["digits_resnet", "ppocr_cls", "ppocr_rec", "ppocr_det", "minilm_ts"]
+SILU = ROOT / "models" / "silu_detector_ts.onnx"  # issue 18: a YOLO-style SiLU detector
+SILU_SIZE = 320  # its input images, 1x3x320x320 (the export takes any multiple of 8)
+MODELS = ["digits_resnet", "ppocr_cls", "ppocr_rec", "ppocr_det", "minilm_ts", "silu_detector",
+          "silu_detector_w4"]
 CALIB_COUNT = {"digits_resnet": 64, "ppocr_cls": 64, "ppocr_rec": 64, "ppocr_det": 8,
-               "minilm_ts": 64}
+               "minilm_ts": 64, "silu_detector": 32, "silu_detector_w4": 32}
 TOOLS = ("onnxopt", "onnxopt-op13", "ort", "ort-rr")
 # onnxopt with other settings, to measure what each refinement brings (--tools onnxopt,onnxopt-noeq)
 VARIANTS = {"onnxopt-nobc": ("--no-bias-correction",), "onnxopt-noeq": ("--no-equalize",),
@@ -205,12 +210,33 @@ def _line(error: BaseException) -> str:
 
 
 def model_path(name: str) -> Path:
+    if name == "silu_detector":
+        return SILU
+    if name == "silu_detector_w4":  # 4x the channels (32-128, YOLOv8n's order): exported here
+        path = ROOT / "benchmarks" / "work" / "silu_detector_w4_ts.onnx"
+        if not path.exists():
+            import subprocess
+
+            subprocess.run([sys.executable, str(ROOT / "models" / "export_silu.py"), "--width",
+                            "4", "--out", str(path.parent), "--exporters", "ts"], check=True)
+        return path
     return DIGITS if name == "digits_resnet" else real_models.ensure(name)
+
+
+def silu_images(seed: int, count: int) -> np.ndarray:
+    """Smooth random images for the SiLU detector (random weights: no task to score): blocks
+    of uniform noise upsampled x8, announced as random, fixed seed (2: calibration, 1: eval)."""
+    rng = np.random.default_rng(seed)
+    side = SILU_SIZE // 8
+    noise = rng.random((count, 1, 3, side, side)).astype(np.float32)
+    return np.repeat(np.repeat(noise, 8, axis=3), 8, axis=4)
 
 
 def calib_samples(name: str, count: int | None = None) -> list[dict[str, np.ndarray]]:
     """Batch-1 calibration feeds, disjoint from the evaluation set."""
     count = count or CALIB_COUNT[name]
+    if name.startswith("silu_detector"):
+        return [{"input": x} for x in silu_images(real_models.SEED_CALIB, count)]
     if name == "digits_resnet":
         with np.load(DIGITS_SAMPLES) as data:
             images = data["image"][:64]
@@ -252,6 +278,8 @@ def memory_samples(count: int) -> list[dict[str, np.ndarray]]:
 
 
 def timing_feeds(name: str) -> dict[str, np.ndarray]:
+    if name.startswith("silu_detector"):
+        return {"input": silu_images(3, 1)[0]}
     if name == "digits_resnet":
         with np.load(DIGITS_SAMPLES) as data:
             return {"image": data["image"][64:65]}
@@ -287,6 +315,10 @@ def evaluate(name: str, path: str, reference: dict | None) -> dict:
         found["_correct"] = np.array([p.replace(" ", "") == t.replace(" ", "")
                                       for p, t in zip(predicted, texts)])
         found["_texts"] = predicted
+    elif name.startswith("silu_detector"):  # random weights: fidelity to fp32 is the measure
+        per_sample = [sess.run(None, {"input": x})[0] for x in silu_images(real_models.SEED_EVAL,
+                                                                               16)]
+        found["metric"] = {"note": "random weights: no task metric, fidelity only"}
     elif name == "ppocr_det":
         pages, boxes = real_models.eval_set(name)
         per_sample = [sess.run(None, {"x": pages[i:i + 1]})[0] for i in range(len(pages))]
@@ -331,6 +363,8 @@ def fidelity(name: str, reference: dict, found: dict) -> dict:
     elif name == "ppocr_rec":
         result["same_string"] = float(np.mean([a == b for a, b in zip(reference["_texts"],
                                                                        found["_texts"])]))
+    elif name.startswith("silu_detector"):
+        pass  # per-sample cosine only: the head's raw box and class channels
     elif name == "ppocr_det":
         x = np.concatenate(reference["_raw"]) > 0.3
         y = np.concatenate(found["_raw"]) > 0.3
@@ -402,7 +436,9 @@ def run_onnxopt(name: str, src: Path, calib: Path, method: str, work: Path, time
     cmd = ["onnxopt", "optimize", str(src), "-o", str(out), "--int8", "--calib", str(calib),
            "--calib-method", method, "--bench", "none", "--quiet", "--report", str(report),
            *flags]
-    if name != "digits_resnet":  # verification of the exact passes on realistic inputs
+    if name.startswith("silu_detector"):
+        cmd += ["--shape", f"input:1,3,{SILU_SIZE},{SILU_SIZE}"]
+    elif name != "digits_resnet":  # verification of the exact passes on realistic inputs
         cmd += ["--inputs", str(real_models.inputs_path(name))]
     row = lossless.run_child(cmd, work, "onnxopt", timeout)
     row["command"] = " ".join(["onnxopt", *cmd[1:]])
@@ -556,6 +592,10 @@ def upgrade_to_13(src: Path, work: Path) -> Path | None:
 def _calib_note(name: str, count: int) -> str:
     return {"digits_resnet": f"first {count} bundled samples; eval: the other 192",
             "minilm_ts": f"{count} stdlib first sentences in no eval pair (seed 2), seq 64",
+            "silu_detector": f"{count} smooth random {SILU_SIZE}x{SILU_SIZE} images (seed 2, "
+                             "random data); eval: 16 more (seed 1)",
+            "silu_detector_w4": f"{count} smooth random {SILU_SIZE}x{SILU_SIZE} images (seed 2, "
+                                "random data); eval: 16 more (seed 1)",
             }.get(name, f"eval_set({name}, seed 2): {count} samples; eval: seed 1")
 
 
@@ -595,6 +635,8 @@ def _metric_cell(name: str, metric: dict | None) -> str:
         return f"line {metric['line_accuracy']:.3f} CER {metric['cer']:.3f}"
     if name == "ppocr_det":
         return f"box F1 {metric['f1']:.3f}"
+    if "recall@1" not in metric:
+        return "-"
     return f"R@1 {metric['recall@1']:.3f}"
 
 
@@ -606,6 +648,8 @@ def _agree_cell(fid: dict | None) -> str:
                        ("top1_neighbour_agreement", "NN top-1")):
         if key in fid:
             return f"{label} {fid[key]:.3f}{flips}"
+    if "map_iou" not in fid:  # silu_detector: cosine only
+        return "-"
     return f"IoU {fid['map_iou']:.3f} F1 {fid['box_f1_vs_fp32']:.3f}"
 
 

@@ -33,6 +33,9 @@ echo "== export_transfer.py (models for onnxopt transfer)"
 echo "== export_prune.py (models for prune-channels)"
 "$EXPORT_PY" "$HERE/export_prune.py"
 
+echo "== export_silu.py (a YOLO-style SiLU detector for int8 of SiLU networks)"
+"$EXPORT_PY" "$HERE/export_silu.py"
+
 echo "== train_default.py (embedded default model, a few minutes on CPU)"
 "$EXPORT_PY" "$HERE/train_default.py"
 

@@ -10,7 +10,9 @@ Per quantized op (formulas in `_qdq`):
   * every activation input and the output: one QuantizeLinear → DequantizeLinear pair (uint8,
     s = (max - min) / 255 over the calibrated range widened to include 0), shared by all
     consumers. ORT turns DQ → op → Q into QLinearConv, QGemm, QLinearMatMul, QLinearAdd,
-    QLinearConcat, QLinear(Global)AveragePool.
+    QLinearConcat, QLinear(Global)AveragePool, and QLinearSigmoid and QLinearMul: a SiLU
+    (x · sigmoid(x), every activation of YOLO and EfficientNet) then stays in uint8 between
+    its Convs instead of a DequantizeLinear and a QuantizeLinear around each Sigmoid and Mul.
   * a Relu / Clip(min 0) that is the sole consumer of a Conv/Gemm/MatMul/Add output takes the
     output pair instead (its range starts at 0, so zero point 0 and the uint8 clamp is the Relu;
     ORT removes it and fuses).
@@ -22,7 +24,8 @@ is not a constant (graph input or computed); 3. a data input or output with no c
 5. opset < 13 (per-channel DequantizeLinear needs `axis`). Main graph only: calibration cannot
 see into If/Loop/Scan bodies, so `--int8` gives them quantize-dynamic (`graphs="subgraphs"`).
 ConvTranspose stays float, with that reason logged: ORT's CPU provider has no integer kernel
-for it. Not covered yet: function bodies, MatMul of two activations, Resize, Mul, Gemm C
+for it. Not covered yet: function bodies, MatMul of two activations, Resize, Mul by a
+constant, HardSigmoid/HardSwish (ORT's CPU provider has no integer kernel for them), Gemm C
 not of shape [N] (kept float, so ORT leaves that Gemm float); a Conv whose output only leaves
 the graph gets no output pair, so ORT keeps it a float Conv (graph outputs stay float).
 Embedding tables (Gather of a constant [V, D], >= 64k elements) become int8 per row (`_gather`).
@@ -56,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 # op -> indices of its data inputs (None: all of them); what ORT's QDQ selectors fuse.
 _LINEAR = {"Conv": (0,), "Gemm": (0,), "MatMul": (0,)}
-_OWN_SCALE = {"Add": (0, 1), "Concat": None, "GlobalAveragePool": (0,), "AveragePool": (0,)}
+_OWN_SCALE = {"Add": (0, 1), "Concat": None, "GlobalAveragePool": (0,), "AveragePool": (0,),
+              "Sigmoid": (0,), "Mul": (0, 1)}  # Sigmoid, Mul: measured fused by ORT 1.32
 _SHARED_SCALE = {op: (0,) for op in
                  ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")}
 _DATA_INPUTS = {**_LINEAR, **_OWN_SCALE, **_SHARED_SCALE}

@@ -382,6 +382,14 @@ def integer_kernel_summary(kernels: dict[str, int]) -> str:
     integer = _integer_kernels(kernels)
     floats = {k: kernels.get(k, 0) for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul")}
     left = ", ".join(f"{k} {v}" for k, v in floats.items() if v)
+    # Activation blocks between integer layers that ORT still runs in float (each costs a
+    # DequantizeLinear in and a QuantizeLinear out); Mul/Add may also be int64 shape arithmetic.
+    between = ", ".join(f"{k} {kernels[k]}" for k in _ACTIVATION_OPS if kernels.get(k))
     return (", ".join(f"{k} {v}" for k, v in sorted(integer.items())) or "no integer kernels") + (
-        f"; float left: {left}" if left else "; no float Conv/Gemm/MatMul left")
+        f"; float left: {left}" if left else "; no float Conv/Gemm/MatMul left") + (
+        f"; not integer: {between}" if between else "")
+
+
+_ACTIVATION_OPS = ("Sigmoid", "Mul", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Add",
+                   "Softmax")
 
