@@ -166,8 +166,10 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
 def _half_rows(table: Table, summary: dict) -> None:
     table.add_row(f"[bold]{summary['dtype']}", "", "", "")
     colour = "green" if summary["converted"] else "red"
+    judged = ("not judged (--no-verify)" if summary["judged_on"] == "none"
+              else f"judged on {summary['judged_on']}")
     table.add_row("accuracy budget", "", f"[{colour}]{escape(summary['budget'])}[/{colour}]",
-                  f"judged on {summary['judged_on']}")
+                  judged)
     if summary["converted"]:
         table.add_row("nodes in half", "", str(summary["nodes_half"]),
                       f"{summary['casts']} Casts at float32 borders")

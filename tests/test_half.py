@@ -359,3 +359,26 @@ def test_larger_batch_hint(monkeypatch):
                                        "cuda", "float16")
     assert seen == [(16, 8)] and "1.43x faster than float32 at batch 16" in hint
     assert "--shape x:16" in hint
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_no_verify_converts_from_the_graph_alone(tmp_path, monkeypatch, dtype):
+    """--no-verify: no ORT session runs the model (a big one stays within memory); the graph's
+    own reasons still apply, the output is valid, and the report says what was not checked."""
+    from onnxopt.measure import verify as verify_mod
+
+    calls = []
+    monkeypatch.setattr(verify_mod, "provider_outputs",
+                        lambda *a, **k: calls.append(a) or pytest.fail("a model was run"))
+    out = tmp_path / "o.onnx"
+    _, report = api.optimize(api.default_model_path(), out, api.OptimizeOptions(
+        verify=False, bench=(), half=HalfOptions(dtype=dtype)))
+    assert report.half["converted"] and report.half["judged_on"] == "none"
+    assert "not checked" in report.half["budget"]
+    assert report.verification.status == "skipped"
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    half_type = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.BFLOAT16
+    assert half_type in {t.data_type for t in written.graph.initializer}
+    if dtype == "bfloat16":  # ORT CPU's missing bf16 kernels are read from its registry
+        assert any("no bfloat16" in why for why in report.half["kept_float32"].values())

@@ -165,6 +165,30 @@ def _at_batch(model: ir.Model, feeds: dict, batch: int) -> dict | None:
     return tiled or None
 
 
+def to_half_unjudged(model: ir.Model, options: HalfOptions, notes: list[str]) -> HalfResult:
+    """--no-verify: half where the graph allows it (the provider's kernels, long sums, shape
+    arithmetic, weights float16 can hold, --keep-float), with no inputs run: no activation
+    ranges, no accuracy budget, no timing (only the validity guard may load the result in ONNX
+    Runtime, and not a big model's: its memory stays bounded). The report says what was not
+    checked."""
+    model = _named(model)
+    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 1))
+    inputs_of = functools.partial(half_inputs, opset=opset, dtype=options.dtype)
+    reasons = decide.graph_reasons(model, options.dtype, options.target, inputs_of)
+    for name in _user_kept(model, options.keep_float):
+        reasons.setdefault(name, "--keep-float")
+    half = model.clone()
+    report = ToHalfPass(ToHalfOptions(options.dtype, frozenset(reasons),
+                                      options.keep_io_types))(half)
+    why = ("--no-verify: no inputs were run, so activations past the half range, the accuracy "
+           "budget and the speed were not checked")
+    notes.append(f"{options.dtype} {why}")
+    converted = report.counts.get("converted", 0) > 0
+    checked = verify.Verification("skipped", reason=why)
+    return HalfResult(half if converted else model, converted, checked, reasons, "none",
+                      "not measured (--no-verify)", list(report.log), dict(report.counts))
+
+
 def _named(model: ir.Model) -> ir.Model:
     """A copy (sharing the weights) whose nodes all have names, since nodes are kept float32
     by name, and whose values all have element types, since that decides which compute in
