@@ -10,9 +10,10 @@ Per quantized op (formulas in `_qdq`):
   * every activation input and the output: one QuantizeLinear → DequantizeLinear pair (uint8,
     s = (max - min) / 255 over the calibrated range widened to include 0), shared by all
     consumers. ORT turns DQ → op → Q into QLinearConv, QGemm, QLinearMatMul, QLinearAdd,
-    QLinearConcat, QLinear(Global)AveragePool, and QLinearSigmoid and QLinearMul: a SiLU
-    (x · sigmoid(x), every activation of YOLO and EfficientNet) then stays in uint8 between
-    its Convs instead of a DequantizeLinear and a QuantizeLinear around each Sigmoid and Mul.
+    QLinearConcat, QLinear(Global)AveragePool, QLinearLeakyRelu, and QLinearSigmoid and
+    QLinearMul: a SiLU (x · sigmoid(x), every activation of YOLO and EfficientNet) then stays
+    in uint8 between its Convs instead of a DequantizeLinear and a QuantizeLinear around each
+    Sigmoid and Mul.
   * a Relu / Clip(min 0) that is the sole consumer of a Conv/Gemm/MatMul/Add output takes the
     output pair instead (its range starts at 0, so zero point 0 and the uint8 clamp is the Relu;
     ORT removes it and fuses).
@@ -59,8 +60,10 @@ logger = logging.getLogger(__name__)
 
 # op -> indices of its data inputs (None: all of them); what ORT's QDQ selectors fuse.
 _LINEAR = {"Conv": (0,), "Gemm": (0,), "MatMul": (0,)}
+# Sigmoid, Mul, LeakyRelu: measured fused by ORT 1.32 (QLinearSigmoid, QLinearMul,
+# QLinearLeakyRelu); Tanh, Elu and HardSigmoid are not (they would only add a Q/DQ pair).
 _OWN_SCALE = {"Add": (0, 1), "Concat": None, "GlobalAveragePool": (0,), "AveragePool": (0,),
-              "Sigmoid": (0,), "Mul": (0, 1)}  # Sigmoid, Mul: measured fused by ORT 1.32
+              "Sigmoid": (0,), "Mul": (0, 1), "LeakyRelu": (0,)}
 _SHARED_SCALE = {op: (0,) for op in
                  ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")}
 _DATA_INPUTS = {**_LINEAR, **_OWN_SCALE, **_SHARED_SCALE}

@@ -55,3 +55,30 @@ def test_silu_runs_in_integer_kernels(tmp_path, exporter):
     cosine = float(np.dot(expected.ravel(), got.ravel())
                    / np.linalg.norm(expected) / np.linalg.norm(got))
     assert cosine >= 0.99
+
+
+def test_leaky_relu_runs_in_an_integer_kernel(tmp_path):
+    """Darknet-style Conv -> LeakyRelu -> Conv (YOLOv3/v4): QLinearLeakyRelu in ORT's graph."""
+    from helpers import make_model, tensor, value_info
+    from onnx import helper
+
+    rng = np.random.default_rng(0)  # fixed seed: the weights
+    nodes, x = [], "input"
+    for i, (c_in, c_out) in enumerate(((3, 16), (16, 16), (16, 8))):
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("LeakyRelu", [f"c{i}"], [f"a{i}"], alpha=0.1)]
+        x = f"a{i}"
+    inits = [tensor(f"w{i}", rng.standard_normal((o, c, 3, 3)) * 0.3)
+             for i, (c, o) in enumerate(((3, 16), (16, 16), (16, 8)))]
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["output"]))
+    path = tmp_path / "leaky.onnx"
+    onnx.save(make_model(nodes, [value_info("input", [1, 3, 32, 32])],
+                         [value_info("output", [1, 8, 1, 1])], inits), str(path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(1).random((16, 1, 3, 32, 32), np.float32))
+    out = tmp_path / "int8.onnx"
+    _, report = api.optimize(path, out, api.OptimizeOptions(bench=(), int8=int8.Int8Options(
+        calib=str(calib), check_speed=False)))
+    assert report.int8["quantized"], report.int8["budget"]
+    kernels = ort_kernel_counts(out)
+    assert kernels.get("QLinearLeakyRelu", 0) == 3 and kernels.get("LeakyRelu", 0) == 0, kernels
