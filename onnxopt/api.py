@@ -128,6 +128,8 @@ def optimize(
     clock = _Clock()
     say("loading")
     model, path = _load(src)
+    if dst is not None:
+        io.check_destination(model, dst, path)
     had_external_data = bool(io.external_files(model))
     original_stats = stats.model_stats(model, path, shapes=options.shapes)
     notes: list[str] = []

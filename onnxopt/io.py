@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import BadInputError, root_cause
 
-__all__ = ["load", "save", "weight_bytes", "external_files", "iter_tensors", "release_external",
+__all__ = ["load", "save", "check_destination", "weight_bytes", "external_files", "iter_tensors", "release_external",
            "release_tensor", "spill", "PROTOBUF_LIMIT"]
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,17 @@ def external_files(model: ir.Model) -> set[Path]:
     }
 
 
+def check_destination(model: ir.Model, path: str | os.PathLike,
+                      source: str | os.PathLike | None = None) -> Path:
+    """`path` as a Path when `model` may be written there, else a one-line error: callers check
+    before the work, not after minutes of it (save checks again)."""
+    path = Path(path)
+    _refuse_overwriting_input(model, path, source)
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path}: the output folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
@@ -263,10 +274,7 @@ def save(
     when tensors are still memory-mapped from another file (they must be copied out, not
     referenced), or when the weights pass ~90% of protobuf's 2 GiB limit.
     """
-    path = Path(path)
-    _refuse_overwriting_input(model, path, source)
-    if not path.parent.is_dir():
-        raise BadInputError(f"{path}: the output folder {str(path.parent)!r} does not exist")
+    path = check_destination(model, path, source)
     is_external = (is_external or bool(external_files(model))
                    or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD)
     data_name = f"{path.name}.data" if is_external else None

@@ -450,3 +450,18 @@ def test_int8_on_a_model_with_nothing_to_quantize(tmp_path, capsys, monkeypatch,
         extra += ["--calib", str(tmp_path / "calib.npz")]
     check_refused(tmp_path, capsys, monkeypatch, model, "up.onnx", "nothing to quantize",
                   "ConvTranspose", extra=tuple(extra))
+
+
+def test_a_missing_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """The output folder is checked when the run starts, not after minutes of work."""
+    from helpers import invoke_cli
+
+    from onnxopt import api
+    from onnxopt.measure import verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "provider_outputs",
+                        lambda *a, **k: pytest.fail("the model was run before the check"))
+    out = tmp_path / "missing" / "o.onnx"
+    code, _, err = invoke_cli(["optimize", api.default_model_path(), "-o", out, "-q"],
+                              capsys, monkeypatch)
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1

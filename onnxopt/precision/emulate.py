@@ -1,7 +1,7 @@
 """A half model's numbers on a provider that cannot run it: the same graph in float32, with
 every half tensor rounded to half where the half model would store it.
 
-    weights:       half values, held in float32 (exact: every half value is a float32 value)
+    weights:       half, read through a Cast to float32 (exact: every half value is a float32 value)
     activations:   each half output x of a node becomes float32(half(x)): Cast to half, Cast back
     Casts to half: stay, followed by a Cast back to float32
 
@@ -26,14 +26,26 @@ def emulated(model: ir.Model, rounded: dict[str, str] | None = None) -> ir.Model
     """A float32 copy of the half `model` that rounds where it rounds; values keep their names,
     so intermediate tensors can be compared with the float32 model's. `rounded`, when given,
     is filled with value name -> the name of its rounded copy (what the half model stores)."""
-    copy = model.clone()  # shares tensors: the ones replaced below are new, never edited
+    copy = model.clone()  # shares tensors: none is edited below
     graph = copy.graph
-    for value in list(graph.initializers.values()):
-        if value.dtype in HALF and value.const_value is not None:
-            data = value.const_value.numpy().astype("float32")
-            value.const_value = ir.tensor(data, name=value.name)
-            value.type = ir.TensorType(ir.DataType.FLOAT)
     names = NameSource(graph)
+    # Half weights stay half and are read through a Cast to float32 (exact): a float32 copy
+    # of every weight would double a big model's memory for the check.
+    position = _position(graph)
+    for value in list(graph.initializers.values()):
+        uses = list(value.uses())  # before the Cast below becomes one of them
+        if value.dtype in HALF and value.const_value is not None and uses:
+            widen = ir.node("Cast", [value], {"to": ir.DataType.FLOAT},
+                            name=names(f"{value.name}_to_float"))
+            widen.outputs[0].name = names(f"{value.name}_float")
+            widen.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            widen.outputs[0].shape = value.shape
+            first = min((use.node for use in uses), key=position)
+            for use in uses:
+                use.node.replace_input_with(use.idx, widen.outputs[0])
+            # Right before its first reader: ORT runs nodes in this order, so one float32
+            # weight at a time exists, not all of them from the first node on.
+            graph.insert_before(first, [widen])
     for value in list(graph.inputs):
         if value.dtype in HALF and not value.is_initializer():
             half = value.dtype
@@ -53,6 +65,12 @@ def emulated(model: ir.Model, rounded: dict[str, str] | None = None) -> ir.Model
                 output.type = ir.TensorType(ir.DataType.FLOAT)
                 _round_after(graph, output, half, names, rounded)
     return copy
+
+
+def _position(graph: ir.Graph):
+    """A key ordering the nodes of `graph` as they stand (readers in subgraphs come last)."""
+    order = {node: index for index, node in enumerate(graph)}
+    return lambda node: order.get(node, len(order))
 
 
 def _float_value_attribute(node: ir.Node) -> None:

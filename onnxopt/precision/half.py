@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from onnxopt import io
 from onnxopt.calib.activations import iter_activations
 from onnxopt.errors import BadInputError
 from onnxopt.measure import placement, runtime, verify
@@ -180,6 +181,7 @@ def to_half_unjudged(model: ir.Model, options: HalfOptions, notes: list[str]) ->
     half = model.clone()
     report = ToHalfPass(ToHalfOptions(options.dtype, frozenset(reasons),
                                       options.keep_io_types))(half)
+    io.release_external(model)
     why = ("--no-verify: no inputs were run, so activations past the half range, the accuracy "
            "budget and the speed were not checked")
     notes.append(f"{options.dtype} {why}")
@@ -245,6 +247,7 @@ class _Trial:
         copy = self.model.clone()
         report = ToHalfPass(ToHalfOptions(self.options.dtype, frozenset(kept),
                                           self.options.keep_io_types))(copy)
+        io.release_external(self.model)  # the float32 weights it read: unmapped again
         return copy, report
 
     def run(self, kept: dict[str, str]) -> _Outcome:
