@@ -59,6 +59,13 @@ class Checker:
             return verify_mod.Verification("failed", reason=problem, invalid=True)
         return verify_mod.verify(model, self.reference, self.feeds, self.tolerance, self.floor)
 
+    def unchanged(self) -> verify_mod.Verification:
+        """The verification of the model as given: its outputs are the reference itself (no
+        session; on a 2.4 GB model that is a second of ORT and its memory saved)."""
+        outputs = verify_mod.compare(self.reference, self.reference, self.tolerance, self.floor)
+        return verify_mod.Verification("passed", outputs=outputs, batches=len(self.feeds),
+                                       floor=dict(self.floor))
+
 
 @dataclasses.dataclass
 class ValidityOnly:
@@ -73,6 +80,9 @@ class ValidityOnly:
         if problem:
             return verify_mod.Verification("failed", reason=problem, invalid=True)
         return verify_mod.Verification("passed")
+
+    def unchanged(self) -> verify_mod.Verification:
+        return verify_mod.Verification("passed")  # the input is as valid as itself
 
 
 def run_pipeline(
@@ -96,6 +106,8 @@ def run_pipeline(
         logger.info("a pass crashed; replaying with a snapshot before every pass")
         model, runs = _run(original, passes, checker, on_pass, careful=True)
         return model, runs, _reported(checker, checker(model))
+    if not any(run.modified for run in runs):  # every pass said "no change": the input itself
+        return model, runs, _reported(checker, checker.unchanged())
     verification = checker(model)
     if original is not None and not verification.passed:
         logger.info("final check failed (%s); replaying pass by pass", verification.reason)

@@ -178,6 +178,7 @@ def bisect_down(attempt: Callable[[float], tuple], target: float, steps: int = 3
 
 # Two sessions of a model over this are not held at once: each is timed alone, in turn.
 ONE_SESSION_BYTES = 1 << 28
+_SEQUENTIAL_SECONDS = 1.0  # per model when timed in turn (its runs take 30-100 ms: 10+ each)
 
 
 def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
@@ -191,6 +192,7 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
             before, after = bench.measure_runners(runners, ep=ep, seconds=seconds)
         return bench.ratio_ci(before.times_ms, after.times_ms)
     timed = []
+    seconds = min(seconds, _SEQUENTIAL_SECONDS)  # each ~100 ms run of a big model says more
     for model in (first, second):
         with runtime.model_session(model, ep=ep) as session:
             [latency] = bench.measure_runners([runtime.runner(session, feeds, ep)], ep=ep,
