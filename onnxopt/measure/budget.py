@@ -195,8 +195,10 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
     seconds = min(seconds, _SEQUENTIAL_SECONDS)  # each ~100 ms run of a big model says more
     for model in (first, second):
         with runtime.model_session(model, ep=ep) as session:
+            # 3 warm-up runs: the weights were packed when the session was made, and "auto"
+            # (10 runs at least) costs a second of a big model for nothing
             [latency] = bench.measure_runners([runtime.runner(session, feeds, ep)], ep=ep,
-                                              seconds=seconds)
+                                              seconds=seconds, warmup=3)
             del session  # else it outlives the block and meets the next session in memory
         timed.append(latency.times_ms)
     return bench.ratio_ci(*timed)
