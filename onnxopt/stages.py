@@ -16,6 +16,7 @@ from onnxopt.calib import sources
 from onnxopt.measure import runtime
 from onnxopt.measure import validity as validity_mod
 from onnxopt.measure import verify as verify_mod
+from onnxopt.passes._graph import opset_version
 from onnxopt.precision import half as half_flow
 from onnxopt.quant import int8
 from onnxopt.sparsity import prune as sparsity_flow
@@ -212,7 +213,7 @@ def half_stage(model, verification, runs, options, feeds, reference, validity, n
 
 
 def _opset_at_least(model, target: int, notes: list[str]):
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    opset = opset_version(model.graph)
     if opset >= target:
         return model
     try:

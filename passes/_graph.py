@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-__all__ = ["constant", "describe", "all_graphs", "NameSource", "opset_version", "annotate_ranks",
-           "rank_of", "new_initializer", "tensor_chunks"]
+from onnxopt.errors import BadInputError
+
+__all__ = ["constant", "describe", "all_graphs", "NameSource", "matching_node_names",
+           "opset_version", "annotate_ranks", "rank_of", "new_initializer", "tensor_chunks"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -61,6 +64,21 @@ def all_graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
     """The main graph, every subgraph (If/Loop/Scan bodies), and every function body."""
     yield from model.graphs()
     yield from model.functions.values()
+
+
+def matching_node_names(model: ir.Model, patterns: str | None,
+                        flag: str = "--keep-float") -> dict[str, list[str]]:
+    """Per comma-separated regular expression of `patterns`, the node names (every graph) it
+    matches whole; a pattern that is not a regular expression is a one-line error."""
+    names = [n.name for g in model.graphs() for n in g if n.name]
+    found: dict[str, list[str]] = {}
+    for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
+        try:
+            matcher = re.compile(pattern)
+        except re.error as error:
+            raise BadInputError(f"{flag} {pattern!r}: not a regular expression ({error})") from None
+        found[pattern] = [name for name in names if matcher.fullmatch(name)]
+    return found
 
 
 def opset_version(graph: ir.Graph | ir.Function, domain: str = "") -> int:

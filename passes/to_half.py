@@ -28,7 +28,8 @@ from onnxopt.passes._graph import NameSource, constant, opset_version
 from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
 
-__all__ = ["FP16_MAX", "HALF_TYPES", "ToHalfOptions", "ToHalfPass", "fill_dtypes", "half_inputs"]
+__all__ = ["FP16_MAX", "HALF_TYPES", "ToHalfOptions", "ToHalfPass", "computes_float32", "fill_dtypes",
+           "half_inputs"]
 
 HALF_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 FP16_MAX = 65504.0
@@ -97,7 +98,7 @@ class ToHalfPass(ir.passes.InPlacePass):
 
     def _refusal(self, node: ir.Node, positions: tuple[int, ...] | None, half) -> str:
         """Why `node` stays float32 ("-": not a float32 node at all, nothing to say)."""
-        if positions is None or not _has_float32(node, positions):
+        if positions is None or not computes_float32(node):
             return "-"
         if node.name in self.options.keep_float:
             return "decided float32"
@@ -152,7 +153,7 @@ def _schema(op_type: str, opset: int):
         return None
 
 
-def _has_float32(node: ir.Node, positions: tuple[int, ...]) -> bool:
+def computes_float32(node: ir.Node) -> bool:
     """Whether the node computes in float32: its first output is float32 (for a Cast: its `to`)."""
     if node.op_type == "Cast":
         to = node.attributes.get("to")

@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.calib.activations import iter_activations
+from onnxopt.passes._graph import opset_version
+from onnxopt.passes.to_half import computes_float32
 from onnxopt.precision import kernels
 
 __all__ = ["LONG_AXIS", "activation_ranges", "data_reasons", "graph_reasons"]
@@ -39,12 +41,12 @@ def graph_reasons(model: ir.Model, dtype: str, target: str,
     """Node name -> why it stays float32, from the graph alone. `half_inputs(node)` gives the
     input positions a node would take in half (None: it cannot go to half at all)."""
     graph = model.graph
-    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1))
+    opset = opset_version(graph)
     provider = _PROVIDER.get(target, "cuda")
     reasons: dict[str, str] = {}
     shape_only = _shape_arithmetic(graph, half_inputs)
     for node in graph:
-        if half_inputs(node) is None or not _computes_float32(node):
+        if half_inputs(node) is None or not computes_float32(node):
             continue
         has_kernel = kernels.half_kernel(provider, node.domain, node.op_type, opset, dtype)
         if has_kernel is False:
@@ -58,13 +60,6 @@ def graph_reasons(model: ir.Model, dtype: str, target: str,
         elif node in shape_only:
             reasons[node.name] = "shape arithmetic (its result only sets sizes or scales)"
     return reasons
-
-
-def _computes_float32(node: ir.Node) -> bool:
-    if node.op_type == "Cast":
-        to = node.attributes.get("to")
-        return to is not None and to.value == ir.DataType.FLOAT
-    return bool(node.outputs) and node.outputs[0].dtype == ir.DataType.FLOAT
 
 
 def _summed_terms(node: ir.Node) -> int | None:

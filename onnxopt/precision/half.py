@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -34,6 +33,7 @@ from onnxopt.calib.activations import iter_activations
 from onnxopt.errors import BadInputError
 from onnxopt.measure import placement, runtime, verify
 from onnxopt.measure.budget import Budget, latency_ratio
+from onnxopt.passes._graph import matching_node_names, opset_version
 from onnxopt.passes.to_half import HALF_TYPES, ToHalfOptions, ToHalfPass, fill_dtypes, half_inputs
 from onnxopt.precision import decide
 from onnxopt.precision.emulate import emulated
@@ -92,7 +92,7 @@ def to_half(model: ir.Model, options: HalfOptions, notes: list[str], *, feeds: l
     """The flow of the module docstring on `model` (float32), judged on `feeds` against the
     float32 model's `reference` outputs."""
     model = _named(model)
-    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 1))
+    opset = opset_version(model.graph)
     inputs_of = functools.partial(half_inputs, opset=opset, dtype=options.dtype)
     progress(f"deciding which nodes stay float32 ({options.dtype})")
     reasons = decide.graph_reasons(model, options.dtype, options.target, inputs_of)
@@ -173,7 +173,7 @@ def to_half_unjudged(model: ir.Model, options: HalfOptions, notes: list[str]) ->
     Runtime, and not a big model's: its memory stays bounded). The report says what was not
     checked."""
     model = _named(model)
-    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 1))
+    opset = opset_version(model.graph)
     inputs_of = functools.partial(half_inputs, opset=opset, dtype=options.dtype)
     reasons = decide.graph_reasons(model, options.dtype, options.target, inputs_of)
     for name in _user_kept(model, options.keep_float):
@@ -202,15 +202,7 @@ def _named(model: ir.Model) -> ir.Model:
 
 
 def _user_kept(model: ir.Model, patterns: str | None) -> list[str]:
-    if not patterns:
-        return []
-    compiled = []
-    for text in filter(None, (p.strip() for p in patterns.split(","))):
-        try:
-            compiled.append(re.compile(text))
-        except re.error as error:
-            raise BadInputError(f"--keep-float {text!r}: not a regular expression ({error})")
-    return [n.name for n in model.graph if any(p.fullmatch(n.name) for p in compiled)]
+    return [name for names in matching_node_names(model, patterns).values() for name in names]
 
 
 @dataclasses.dataclass

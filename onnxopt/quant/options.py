@@ -4,12 +4,12 @@ dynamic path."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import onnx_ir as ir
 
 from onnxopt.errors import BadInputError
 from onnxopt.measure import verify
+from onnxopt.passes._graph import matching_node_names
 from onnxopt.quant.budget import Budget, Outcome
 
 __all__ = ["CLIP_WEIGHTS", "METHODS", "MODES", "TARGETS", "Int8Options", "Int8Result",
@@ -78,13 +78,7 @@ def keep_float_names(model: ir.Model, options: Int8Options) -> tuple[str, ...]:
         return ()
     names = [n.name for g in model.graphs() for n in g if n.name]
     kept: list[str] = []
-    for pattern in filter(None, (p.strip() for p in options.keep_float.split(","))):
-        try:
-            matcher = re.compile(pattern)
-        except re.error as error:
-            raise BadInputError(f"--keep-float {pattern!r}: not a regular expression "
-                                f"({error})") from None
-        matched = [name for name in names if matcher.fullmatch(name)]
+    for pattern, matched in matching_node_names(model, options.keep_float).items():
         if not matched:
             raise BadInputError(f"--keep-float {pattern!r} matches no node name (e.g. "
                                 f"{', '.join(repr(n) for n in names[:3])})")
