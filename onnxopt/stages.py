@@ -64,7 +64,7 @@ def reference_checker(original: ir.Model, feeds, options, validity, notes: list[
                 "skipped", reason=f"the original does not run on these inputs: {error}")
         else:
             validity = dataclasses.replace(validity, loads=True)
-            floor = verify_mod.noise_floor(original, reference, feeds)
+            floor = verify_mod.NoiseFloor(original, reference, feeds)
             return (pipeline.Checker(feeds, reference, options.tolerance, floor, validity), None,
                     validity)
     validity = dataclasses.replace(validity, loads=_loads(original, options, notes))

@@ -4,11 +4,13 @@ The multi-GB measurement is benchmarks/scale.py; tests/test_big_model.py runs a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from helpers import make_model, op_count, tensor, value_info
 from onnx import helper
 from onnxopt.passes import CleanupPass
@@ -72,6 +74,40 @@ def test_one_session_at_a_time_timing(monkeypatch):
     monkeypatch.setattr(budget.runtime, "model_session", counting)
     ratio, low, high = budget.latency_ratio(model, model.clone(), feeds, seconds=0.3)
     assert len(opened) == 2 and 0.5 < ratio < 2.0 and low <= ratio <= high
+
+
+@pytest.mark.parametrize("second_ms, settles", [(2.0, True), (20.0, False)])
+def test_one_at_a_time_timing_stops_the_second_once_its_verdict_is_known(monkeypatch,
+                                                                       second_ms, settles):
+    """Timed in turn, the second model runs only until its ratio's 95% interval lies on one
+    side of 1 (5 runs at a time): a model 10x faster stops at the first look, one as fast as
+    the first runs for the whole time given."""
+    import time
+
+    model = ir.serde.deserialize_model(matmul_chain(np.random.default_rng(0)))
+    candidate = model.clone()
+    feeds = inputs.generate(model, seed=1)[0]
+    delays = {id(model): 0.020, id(candidate): second_ms / 1000}
+    counted = []
+    real_measure = budget.bench.measure_runners
+
+    def measure(runners, **kwargs):
+        [latency] = real_measure(runners, **kwargs)
+        counted.append(latency.runs)
+        return [latency]
+
+    monkeypatch.setattr(budget, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(budget.runtime, "model_session", lambda m, **kw: contextlib.nullcontext(m))
+    monkeypatch.setattr(budget.runtime, "runner",
+                        lambda m, feeds, ep: lambda: time.sleep(delays[id(m)]))
+    monkeypatch.setattr(budget.bench, "measure_runners", measure)
+    ratio, low, high = budget.latency_ratio(model, candidate, feeds, seconds=0.5)
+    first_runs, second_runs = counted
+    assert first_runs >= 0.5 / 0.020 * 0.6  # the first is timed for the time given
+    if settles:
+        assert second_runs == 5 and high < 1.0 and ratio < 0.2
+    else:
+        assert second_runs > 10 and low <= 1.0 <= high * 1.5
 
 
 def test_deduplication_of_external_tensors(tmp_path):

@@ -265,15 +265,17 @@ def test_fp16_conv_bn_folds_with_fp16_tolerance(tmp_path):
 def test_fp16_with_default_tolerance_stays_within_it(tmp_path):
     """Whatever the pipeline keeps (fold, or revert), the saved model meets the promised
     tolerance on the verification inputs: for fp16 outputs rtol 2e-3 (2 ulps) and atol 1e-3,
-    raised to 8x the noise floor that ORT's own fusions show on this model."""
+    raised to 8x the noise floor that ORT's own fusions show on this model when an output
+    needed it (the floor is measured only then)."""
     from onnxopt.measure.verify import FLOOR_FACTOR
 
     model = fp16_conv_bn_model(12)
     out, report = optimize(tmp_path, model)
     assert report.verification.passed
-    [name] = report.verification.floor
-    assert 0 < report.verification.floor[name] < 1e-2  # fp16 rounding, measured
-    atol = max(1e-3, FLOOR_FACTOR * report.verification.floor[name])  # fp16: >= 1e-3
+    [name] = [o.name for o in report.verification.outputs]
+    floor = report.verification.floor.get(name, 0.0)
+    assert floor < 1e-2  # fp16 rounding, measured
+    atol = max(1e-3, FLOOR_FACTOR * floor)  # fp16: >= 1e-3
     feeds = {"x": rand(np.random.default_rng(0), (1, 4, 6, 6), np.float16)}  # = batch 1, seed 0
     [expected], [actual] = run(model, feeds), run(out, feeds)
     assert np.all(np.isclose(actual.astype(np.float64), expected.astype(np.float64),

@@ -170,6 +170,27 @@ def test_noise_floor_raises_atol_only_as_far_as_ort_itself_rounds():
     assert not strict.is_close and with_floor.is_close and not small_floor.is_close
 
 
+def test_noise_floor_is_measured_only_when_an_output_needs_it(monkeypatch):
+    """The floor costs a session of the original: a rewrite within the plain tolerance never
+    pays it, one past it measures the floor once and is judged with it."""
+    model = conv_bn_model()
+    feeds = inputs.generate(model, batches=1)
+    reference = verify.reference_outputs(model, feeds)
+    measured = []
+    monkeypatch.setattr(verify, "noise_floor",
+                        lambda *args: measured.append(1) or {"y": 2e-5})
+    floor = verify.NoiseFloor(model, reference, feeds)
+    assert verify.verify(model, reference, feeds, floor=floor).passed
+    assert measured == [] and floor() == {"y": 2e-5} and measured == [1]
+    off = [{"y": batch["y"] + np.float32(5e-5) * np.sign(batch["y"])} for batch in reference]
+    lazy = verify.NoiseFloor(model, off, feeds)
+    [strict] = verify.compare(off, reference)
+    checked = verify.verify(model, off, feeds, floor=lazy)
+    assert not strict.is_close  # 5e-5 off: past atol 1e-5 + rtol 1e-4 somewhere
+    assert checked.passed and checked.floor == {"y": 2e-5}  # 8 x 2e-5 covers it
+    assert measured == [1, 1]  # once for this floor, not again for the second comparison
+
+
 def test_bad_input_raised_by_a_pass_is_not_taken_for_a_crash():
     """A pass that finds the user's input unusable says so (exit 2); reverting it quietly would
     write a model the user did not ask for."""

@@ -72,8 +72,10 @@ def measure_runners(
     seconds: float = 2.0,
     min_runs: int = 10,
     max_runs: int = 2000,
+    settled: Callable[[list[list[float]]], bool] | None = None,
 ) -> list[Latency]:
-    """Time callables interleaved: exactly `runs` rounds, or rounds for about `seconds`."""
+    """Time callables interleaved: exactly `runs` rounds, or rounds for about `seconds`, or
+    fewer once `settled(times so far)` says the answer is known (checked from `min_runs` on)."""
     warmups = [_warm_up(runner, warmup) for runner in runners]
     times: list[list[float]] = [[] for _ in runners]
     deadline = time.perf_counter() + seconds
@@ -81,7 +83,8 @@ def measure_runners(
         done = len(times[0])
         if runs is not None and done >= runs:
             break
-        if runs is None and done >= min_runs and (done >= max_runs or time.perf_counter() > deadline):
+        if runs is None and done >= min_runs and (done >= max_runs or time.perf_counter() > deadline
+                                                  or (settled is not None and settled(times))):
             break
         # Rotate who goes first each round (AB, BA, ...): a fixed order would hand one model
         # the caches the other just warmed, a bias that shows with thousands of runs.

@@ -185,20 +185,31 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
                   seconds: float = _TIMING_SECONDS, ep: str = "cpu") -> tuple[float, float, float]:
     """p50 latency of `second` / `first` on `ep` with its 95% CI: interleaved, or, for a
     model whose weights pass ONE_SESSION_BYTES, one session at a time (memory stays near one
-    model; the two samples then see the machine at different moments)."""
+    model; the two samples then see the machine at different moments), the second timed only
+    until its interval lies on one side of 1."""
     if io.weight_bytes(first) + io.weight_bytes(second) <= ONE_SESSION_BYTES:
         with runtime.model_session(first, ep=ep) as a, runtime.model_session(second, ep=ep) as b:
             runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
             before, after = bench.measure_runners(runners, ep=ep, seconds=seconds)
         return bench.ratio_ci(before.times_ms, after.times_ms)
-    timed = []
+    timed: list[list[float]] = []
     seconds = min(seconds, _SEQUENTIAL_SECONDS)  # each ~100 ms run of a big model says more
+
+    def settled(times: list[list[float]]) -> bool:
+        """The second model's verdict is known: its 95% CI lies wholly on one side of 1."""
+        if not timed or len(times[0]) % 5:
+            return False
+        _, low, high = bench.ratio_ci(timed[0], times[0], samples=200)
+        return high < 1.0 or low > 1.0
+
     for model in (first, second):
         with runtime.model_session(model, ep=ep) as session:
             # 3 warm-up runs: the weights were packed when the session was made, and "auto"
-            # (10 runs at least) costs a second of a big model for nothing
+            # (10 runs at least) costs a second of a big model for nothing; 5 runs at least,
+            # the second's more only while its verdict is open
             [latency] = bench.measure_runners([runtime.runner(session, feeds, ep)], ep=ep,
-                                              seconds=seconds, warmup=3)
+                                              seconds=seconds, warmup=3, min_runs=5,
+                                              settled=settled)
             del session  # else it outlives the block and meets the next session in memory
         timed.append(latency.times_ms)
     return bench.ratio_ci(*timed)

@@ -29,8 +29,8 @@ from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 from onnxopt.measure import runtime
 
-__all__ = ["OutputError", "Verification", "Tolerance", "reference_outputs", "provider_outputs",
-           "verify", "compare"]
+__all__ = ["NoiseFloor", "OutputError", "Verification", "Tolerance", "reference_outputs",
+           "provider_outputs", "verify", "compare"]
 
 Outputs = dict[str, object]
 # An exact rewrite may round like ORT's own fusions do, a few times over: deep networks ending in
@@ -120,25 +120,47 @@ def noise_floor(model: ir.Model, reference: Sequence[Outputs], feeds: Sequence[F
     return {e.name: e.max_abs for e in compare(reference, optimized) if math.isfinite(e.max_abs)}
 
 
+class NoiseFloor:
+    """noise_floor, measured the first time a comparison needs it. The floor only raises atol,
+    so outputs within the plain tolerance are close whatever it is: a run whose rewrites all
+    hold never pays the session of the original it costs (a second on a 2.4 GB model)."""
+
+    def __init__(self, model: ir.Model, reference: Sequence[Outputs], feeds: Sequence[Feeds]):
+        self._source: tuple | None = (model, reference, feeds)
+        self._floor: dict[str, float] = {}
+
+    def __call__(self) -> dict[str, float]:
+        if self._source is not None:
+            self._floor, self._source = noise_floor(*self._source), None
+        return self._floor
+
+
 def verify(
     model: ir.Model,
     reference: Sequence[Outputs],
     feeds: Sequence[Feeds],
     tolerance: Tolerance = Tolerance(),
-    floor: Mapping[str, float] | None = None,
+    floor: Mapping[str, float] | NoiseFloor | None = None,
     *,
     ep: str = "cpu",
     optimize: bool = False,
 ) -> Verification:
     """Run `model` on `ep` and compare with `reference`. A model the provider cannot load or
-    run fails; a provider that is not installed is "skipped" (nothing was compared)."""
+    run fails; a provider that is not installed is "skipped" (nothing was compared). A lazy
+    NoiseFloor is measured only when an output misses the plain tolerance."""
     try:
         outputs, ran, note = provider_outputs(model, feeds, optimize=optimize, ep=ep)
     except runtime.RuntimeFailure as error:
         return Verification("failed", reason=str(error), batches=len(feeds))
     except BadInputError as error:
         return Verification("skipped", reason=str(error), batches=len(feeds))
-    errors = compare(reference, outputs, tolerance, floor)
+    if isinstance(floor, NoiseFloor):
+        errors = compare(reference, outputs, tolerance)
+        floor = floor() if not all(e.is_close for e in errors) else {}
+        if floor:
+            errors = compare(reference, outputs, tolerance, floor)
+    else:
+        errors = compare(reference, outputs, tolerance, floor)
     status = "passed" if all(e.is_close for e in errors) else "failed"
     return Verification(status, outputs=errors, batches=len(feeds), floor=dict(floor or {}),
                         ran_on=ran, note=note)

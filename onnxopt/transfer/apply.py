@@ -379,7 +379,7 @@ def _verify(src: ir.Model, out: ir.Model, options: TransferOptions, notes: list[
         reference = verify_mod.reference_outputs(src, feeds)
     except runtime.RuntimeFailure as error:
         return True, Verification("skipped", reason=f"SRC: {error}")
-    floor = verify_mod.noise_floor(src, reference, feeds)
+    floor = verify_mod.NoiseFloor(src, reference, feeds)
     return True, verify_mod.verify(out, reference, feeds, options.tolerance, floor)
 
 
