@@ -39,6 +39,7 @@ __all__ = [
     "infer_dtypes",
     "insert_qdq",
     "is_zero_floor_activation",
+    "optimized_kernel_counts",
     "ort_kernel_counts",
     "quantize_bias",
     "quantize_weight",
@@ -294,25 +295,19 @@ def ort_kernel_counts(model: ir.Model | bytes | str | os.PathLike) -> dict[str, 
     if isinstance(model, ir.Model):
         with runtime.model_file(model) as source:
             return ort_kernel_counts(source)
-    import onnx
-
-    ort = runtime.onnxruntime()
     source = str(model) if isinstance(model, os.PathLike) else model
     with tempfile.TemporaryDirectory(prefix="onnxopt-kernels-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        options.log_severity_level = 4
-        options.add_session_config_entry("session.disable_prepacking", "1")  # counted, not run
-        # Weights go to a side file, so reading the graph back costs no copy of them.
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", "optimized.data")
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    counts = Counter(node.op_type for node in _all_nodes(optimized.graph))
-    return dict(counts)
+        optimized = os.path.join(tmp, "optimized.onnx")
+        runtime.make_session(source, prepack=False, save_optimized=optimized)  # counted, not run
+        return optimized_kernel_counts(optimized)
+
+
+def optimized_kernel_counts(path: str) -> dict[str, int]:
+    """Op-type counts of a graph ORT saved (runtime.make_session's save_optimized)."""
+    import onnx
+
+    optimized = onnx.load(path, load_external_data=False)
+    return dict(Counter(node.op_type for node in _all_nodes(optimized.graph)))
 
 
 def _all_nodes(graph):

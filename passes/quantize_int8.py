@@ -44,7 +44,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes import _gather, _qdq
 from onnxopt.passes._graph import NameSource, constant, describe, opset_version
-from onnxopt.passes._qdq import cpu_needs_reduce_range, ort_kernel_counts
+from onnxopt.passes._qdq import cpu_needs_reduce_range, optimized_kernel_counts, ort_kernel_counts
 from onnxopt.passes._report import PassReport
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "QuantizeInt8Options",
     "QuantizeInt8Pass",
     "cpu_needs_reduce_range",
+    "optimized_kernel_counts",
     "ort_kernel_counts",
     "quantizable_tensors",
 ]

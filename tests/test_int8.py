@@ -115,6 +115,35 @@ def test_dynamic_int8_quantizes_matmuls_without_calibration(tmp_path, capsys, mo
     assert op_count(model, "DynamicQuantizeMatMul") == 2 and op_count(model, "MatMul") == 0
 
 
+def test_dynamic_int8_counts_its_kernels_from_the_timing_session(monkeypatch):
+    """The speed check's int8 session saves the graph ORT runs, and the kernels reported are
+    counted from it: no session made for counting alone."""
+    from helpers import to_ir
+
+    from onnxopt.measure import runtime
+    from onnxopt.quant import dynamic
+
+    saved, real = [], runtime.make_session
+
+    def spying(model, **kwargs):
+        saved.append(kwargs.get("save_optimized"))
+        return real(model, **kwargs)
+
+    def no_counting_session(model):
+        raise AssertionError("a session made only to count kernels")
+
+    monkeypatch.setattr(runtime, "make_session", spying)
+    monkeypatch.setattr(dynamic.quantize_int8, "ort_kernel_counts", no_counting_session)
+    model = to_ir(mlp())
+    feeds = [{"x": np.random.default_rng(0).standard_normal((2, 16, 128)).astype(np.float32)}]
+    notes = []
+    result = dynamic.quantize_dynamic(model, int8.Int8Options(mode="dynamic", reduce_range=False),
+                                      feeds, notes, progress=lambda _: None)
+    # kept or not (a model this small may time slower), the int8 graph's kernels are reported
+    assert result.kernels.get("DynamicQuantizeMatMul") == 2 and "MatMul" not in result.kernels
+    assert len([path for path in saved if path]) == 1  # the int8 timing session only
+
+
 def test_random_calibration_is_announced(tmp_path, capsys, monkeypatch):
     code, stdout, err = invoke_cli(["optimize", DEFAULT, "-o", tmp_path / "o.onnx", "--int8",
                                     "--calib", "random", "--calib-samples", "16", "--bench",

@@ -181,14 +181,16 @@ ONE_SESSION_BYTES = 1 << 28
 _SEQUENTIAL_SECONDS = 1.0  # per model when timed in turn (its runs take 30-100 ms: 10+ each)
 
 
-def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
-                  seconds: float = _TIMING_SECONDS, ep: str = "cpu") -> tuple[float, float, float]:
+def latency_ratio(first: ir.Model, second: ir.Model, feeds, *, seconds: float = _TIMING_SECONDS,
+                  ep: str = "cpu", second_graph: str | None = None) -> tuple[float, float, float]:
     """p50 latency of `second` / `first` on `ep` with its 95% CI: interleaved, or, for a
     model whose weights pass ONE_SESSION_BYTES, one session at a time (memory stays near one
     model; the two samples then see the machine at different moments), the second timed only
-    until its interval lies on one side of 1."""
+    until its interval lies on one side of 1. `second_graph`: where the second's session saves
+    the graph ORT runs (runtime.make_session's save_optimized)."""
     if io.weight_bytes(first) + io.weight_bytes(second) <= ONE_SESSION_BYTES:
-        with runtime.model_session(first, ep=ep) as a, runtime.model_session(second, ep=ep) as b:
+        with runtime.model_session(first, ep=ep) as a, runtime.model_session(
+                second, ep=ep, save_optimized=second_graph) as b:
             runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
             before, after = bench.measure_runners(runners, ep=ep, seconds=seconds)
         return bench.ratio_ci(before.times_ms, after.times_ms)
@@ -202,8 +204,8 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
         _, low, high = bench.ratio_ci(timed[0], times[0], samples=200)
         return high < 1.0 or low > 1.0
 
-    for model in (first, second):
-        with runtime.model_session(model, ep=ep) as session:
+    for model, graph in ((first, None), (second, second_graph)):
+        with runtime.model_session(model, ep=ep, save_optimized=graph) as session:
             # 3 warm-up runs: the weights were packed when the session was made, and "auto"
             # (10 runs at least) costs a second of a big model for nothing; 5 runs at least,
             # the second's more only while its verdict is open
@@ -215,7 +217,8 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *,
     return bench.ratio_ci(*timed)
 
 
-def slower(before: ir.Model, after: ir.Model, feeds, what: str = "float", ep: str = "cpu") -> str:
+def slower(before: ir.Model, after: ir.Model, feeds, what: str = "float", ep: str = "cpu", *,
+           after_graph: str | None = None) -> str:
     """'' when `after` is not measurably slower on `ep`, else the ratio with its 95% CI."""
-    ratio, low, high = latency_ratio(before, after, feeds, ep=ep)
+    ratio, low, high = latency_ratio(before, after, feeds, ep=ep, second_graph=after_graph)
     return f"{ratio:.2f}x the {what} latency, 95% CI {low:.2f}-{high:.2f}" if low > 1.0 else ""
