@@ -10,7 +10,7 @@ process's VmHWM) one after another: onnxopt's exact pipeline with --no-verify an
 verification, onnxopt --int8 (calibration-free, dynamic) with --no-verify and verified (its
 accuracy budget and speed check), onnx-simplifier, and ONNX Runtime's quantize_dynamic. Ratios are against the model's weight bytes. Issue 16's targets:
 peak RSS <= 0.5x the model with --no-verify and <= 1.2x with verification, >= 3x faster than
-onnx-simplifier. Results: benchmarks/results/scale-DATE.json.
+onnx-simplifier. The disk is synced before each run. Results: benchmarks/results/scale-DATE.json.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -89,6 +90,9 @@ def run(argv: list[str], src: Path, work: Path) -> dict:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
+    # The last tool's GBs of output are written back to disk before the next one starts, so no
+    # tool is timed against another's writeback.
+    os.sync()
     row = run_child([a.format(src=src, dst=out / "model.onnx") for a in argv], work, "tool",
                     timeout=3600)
     return {"seconds": row["tool_s"], "peak_rss_mb": row["peak_mb"],
