@@ -12,10 +12,15 @@ whether or not its outputs could be compared with the original's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.errors import BadInputError, root_cause
 from onnxopt.measure import runtime
 
@@ -61,17 +66,57 @@ def required_of(model: ir.Model, *, load: bool = True) -> Validity:
 def checker_problem(model: ir.Model, *, full: bool = False) -> str:
     """The ONNX checker's complaint about `model`, or "". A model with external data is checked
     from a saved copy, by path, so relative data locations resolve beside it (not beside the
-    working directory) and models over 2 GB work."""
+    working directory) and models over 2 GB work (see _checkable)."""
     import onnx
 
     try:
-        with runtime.model_file(model) as source:
-            if isinstance(source, bytes):
-                source = onnx.ModelProto.FromString(source)
-            onnx.checker.check_model(source, full_check=full)
+        if io.external_files(model) or io.weight_bytes(model) > runtime.INLINE_BYTES_LIMIT:
+            with _checkable(model) as path:
+                onnx.checker.check_model(path, full_check=full)
+        else:
+            onnx.checker.check_model(ir.to_proto(model), full_check=full)
     except Exception as error:  # onnx's ValidationError/InferenceError, or serialization
         return root_cause(error)
     return ""
+
+
+@contextlib.contextmanager
+def _checkable(model: ir.Model) -> Iterator[str]:
+    """`model` saved for the checker with every weight external, in stand-in files of the
+    size its data needs (sparse: no disk, no time). The checker reads where data lives, never
+    the data, and since onnx 1.17 refuses data files with more than one hard link (the links
+    runtime.model_file makes so that sessions copy nothing); stand-ins are single files. A
+    location that is absolute or leaves the model's folder stays as written, for the checker
+    to refuse."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
+        folder = Path(tmp)
+        stub = model.clone()  # shares tensors; its values take the stand-ins below
+        ends: dict[str, int] = {}
+        for graph in stub.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    location, offset = tensor.location, tensor.offset or 0
+                    if Path(location).is_absolute() or ".." in Path(location).parts:
+                        continue
+                elif tensor is not None and tensor.nbytes >= io.EXTERNAL_TENSOR_MIN_BYTES:
+                    location, offset = "weights.bin", ends.get("weights.bin", 0)
+                else:
+                    continue
+                length = tensor.nbytes
+                value.const_value = ir.ExternalTensor(
+                    location, offset, length, tensor.dtype, shape=tensor.shape,
+                    name=tensor.name or value.name, base_dir=tmp)
+                ends[location] = max(ends.get(location, 0), offset + length)
+        for location, end in ends.items():
+            (folder / location).parent.mkdir(parents=True, exist_ok=True)
+            with open(folder / location, "ab") as standin:
+                standin.truncate(max(end, standin.tell()))
+        path = folder / "model.onnx"
+        onnx.save(ir.to_proto(stub), str(path))
+        yield str(path)
 
 
 def load_problem(model: ir.Model) -> str:
