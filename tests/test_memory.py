@@ -79,9 +79,9 @@ def test_one_session_at_a_time_timing(monkeypatch):
 @pytest.mark.parametrize("second_ms, settles", [(2.0, True), (20.0, False)])
 def test_one_at_a_time_timing_stops_the_second_once_its_verdict_is_known(monkeypatch,
                                                                        second_ms, settles):
-    """Timed in turn, the second model runs only until its ratio's 95% interval lies on one
-    side of 1 (5 runs at a time): a model 10x faster stops at the first look, one as fast as
-    the first runs for the whole time given."""
+    """Timed in turn, the second model runs only until its ratio's 95% interval lies under 0.9
+    (looked at every 5 runs): a model 10x faster stops at the first look, one as fast as the
+    first runs for the whole time given (a tie never stops early)."""
     import time
 
     model = ir.serde.deserialize_model(matmul_chain(np.random.default_rng(0)))
