@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 import onnx
@@ -33,7 +34,9 @@ __all__ = ["FP16_MAX", "HALF_TYPES", "ToHalfOptions", "ToHalfPass", "computes_fl
 
 HALF_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0**-14
 _LOST_SHARE = 0.05  # a weight float16 moves by more than this share of its norm stays float32
+_BLOCK = 1 << 20  # elements of a weight checked at a time (4 MB of float32)
 # Always float32: Range's output is an index sequence whose step must stay exact.
 _ALWAYS_FLOAT = {"Range"}
 # Any precision in, the `to` attribute decides the output: no Cast needed before them.
@@ -174,17 +177,30 @@ def _fp16_problem(weight: np.ndarray) -> str:
     below 2^-14 are subnormal in float16 and lose precision, below 2^-25 they flush to zero)."""
     if weight.size == 0:
         return ""
-    peak = float(np.max(np.abs(weight)))
-    if not np.isfinite(peak) or peak > FP16_MAX:
-        return f"reaches {peak:.3g}, past float16's {FP16_MAX:g}"
-    # float32 norms (no float64 copy of a big weight): plenty for a 5% threshold
-    norm = float(np.linalg.norm(weight))
-    lost = float(np.linalg.norm(weight - weight.astype(np.float16).astype(np.float32)))
-    # Normal float16 rounding costs at most 2^-11 of each value; 5% of the norm means values
-    # deep in the subnormal range carry the weight (a LayerNorm epsilon of 1e-6 loses 1.4e-3
-    # and is harmless: the accuracy budget, not this guard, judges small effects).
-    if norm > 0 and lost > _LOST_SHARE * norm:
-        return f"loses {lost / norm:.1e} of its norm in float16 (values too small for it)"
+    # A block at a time: a 100 MB weight's temporaries stay in cache and out of the process's
+    # peak. Sums of squares per block in float32 (no float64 copy), added up in float64.
+    peak, norm2, small_lost2 = 0.0, 0.0, 0.0
+    flat = weight.reshape(-1)
+    for start in range(0, flat.size, _BLOCK):
+        part = flat[start:start + _BLOCK]
+        magnitude = np.abs(part)
+        peak = max(peak, float(np.max(magnitude)))
+        if not np.isfinite(peak) or peak > FP16_MAX:
+            return f"reaches {peak:.3g}, past float16's {FP16_MAX:g}"
+        norm2 += float(np.dot(part, part))
+        small = part[magnitude < FP16_MIN_NORMAL]  # subnormal in float16: few, as a rule
+        small_lost2 += float(np.sum(np.square(small - small.astype(np.float16).astype(np.float32),
+                                              dtype=np.float64)))
+    # Normal float16 values round by at most 2^-11 of themselves, so what they lose is at most
+    # 2^-22 of the squared norm: only the subnormal ones are converted to measure theirs. 5% of
+    # the norm lost means values deep in the subnormal range carry the weight (a LayerNorm
+    # epsilon of 1e-6 loses 1.4e-3 and is harmless: the accuracy budget, not this guard, judges
+    # small effects).
+    if norm2 > 0 and small_lost2 + 2.0**-22 * norm2 > _LOST_SHARE**2 * norm2:
+        lost = float(np.linalg.norm(weight - weight.astype(np.float16).astype(np.float32)))
+        if lost > _LOST_SHARE * math.sqrt(norm2):
+            return (f"loses {lost / math.sqrt(norm2):.1e} of its norm in float16 (values too "
+                    "small for it)")
     return ""
 
 

@@ -384,3 +384,88 @@ def test_no_verify_converts_from_the_graph_alone(tmp_path, monkeypatch, dtype):
     assert half_type in {t.data_type for t in written.graph.initializer}
     if dtype == "bfloat16":  # ORT CPU's missing bf16 kernels are read from its registry
         assert any("no bfloat16" in why for why in report.half["kept_float32"].values())
+
+
+def _weight_refusal_reference(weight: np.ndarray) -> bool:
+    """The rule in full: past float16's range, or more than 5% of the norm lost (float64)."""
+    w = weight.astype(np.float64)
+    if np.abs(w).max() > 65504:
+        return True
+    return bool(np.linalg.norm(w - weight.astype(np.float16)) > 0.05 * np.linalg.norm(w))
+
+
+@pytest.mark.parametrize("case", ["normal", "few tiny", "all tiny", "4.4% lost", "5.9% lost",
+                                  "big", "tiny past a block"])
+def test_weights_float16_would_ruin_stay_float32(case):
+    """A MatMul weight stays float32 when float16 would overflow it or flush most of it (the
+    check is blockwise and converts only subnormal values: the decision must equal the rule
+    computed on the whole weight)."""
+    from onnxopt.passes import to_half
+
+    rng = np.random.default_rng(7)  # fixed seed: the weights
+    weight = rng.standard_normal((64, 40)) * 0.02
+    if case == "few tiny":
+        weight.flat[::50] = 3e-7  # 2% of the values subnormal in float16: harmless
+    elif case == "all tiny":
+        weight = rng.standard_normal((64, 40)) * 1e-7  # most of the norm below 2^-24 rounding
+    elif case in ("4.4% lost", "5.9% lost"):  # subnormal in float16: either side of 5%
+        weight = rng.standard_normal((64, 40)) * (4e-7 if case == "4.4% lost" else 3e-7)
+    elif case == "big":
+        weight[3, 5] = 1e5
+    elif case == "tiny past a block":
+        weight = np.full(to_half._BLOCK + 16, 1e-4)
+        weight[-16:] = 5e-8  # in the second block, flushed to 0 or 6e-8: but a tiny share
+        weight = weight.reshape(-1, 16)
+    weight = weight.astype(np.float32)
+    refused = _weight_refusal_reference(weight)
+    assert refused == (case in ("all tiny", "5.9% lost", "big"))  # what the cases are built for
+    rows, cols = weight.shape
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [value_info("x", [2, rows])], [value_info("y", [2, cols])],
+                       [tensor("w", weight)])
+    model = ir.serde.deserialize_model(proto)
+    report = ToHalfPass(ToHalfOptions("float16"))(model)
+    kept = [line for line in report.log if line.startswith("mm: stays float32")]
+    assert bool(kept) == refused, report.log
+    if case == "big":
+        assert "past float16's 65504" in kept[0]
+    if case in ("all tiny", "5.9% lost"):
+        assert "of its norm in float16" in kept[0]
+
+
+def test_a_big_models_half_weights_are_spilled_to_disk(tmp_path, monkeypatch):
+    """Past ONE_SESSION_BYTES the half weights go to a file once converted: the sessions that
+    judge the half model read them from there (no serialized copy per session) and they leave
+    memory. The saved model is the same half model."""
+    from onnxopt.precision import half as half_mod
+
+    spilled = []
+    real_spill = half_mod.io.spill
+
+    def spill(model):
+        real_spill(model)
+        spilled.append({v.name: type(v.const_value) for v in model.graph.initializers.values()
+                        if v.dtype == ir.DataType.FLOAT16})
+
+    rng = np.random.default_rng(3)  # fixed seed: the weights
+    proto = make_model([helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+                        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                        helper.make_node("MatMul", ["r", "w1"], ["y"], name="mm1")],
+                       [value_info("x", [2, 64])], [value_info("y", [2, 32])],
+                       [tensor("w0", rng.standard_normal((64, 64)) * 0.1),
+                        tensor("w1", rng.standard_normal((64, 32)) * 0.1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    api.optimize(path, tmp_path / "small.onnx", api.OptimizeOptions(
+        bench=(), half=HalfOptions(check_speed=False)))
+    monkeypatch.setattr(half_mod, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(half_mod.io, "spill", spill)
+    _, report = api.optimize(path, tmp_path / "big.onnx", api.OptimizeOptions(
+        bench=(), half=HalfOptions(check_speed=False)))
+    assert report.half["converted"] and report.verification.passed
+    assert spilled and all(len(kinds) == 2 and set(kinds.values()) == {ir.ExternalTensor}
+                           for kinds in spilled)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    big, small = onnx.load(str(tmp_path / "big.onnx")), onnx.load(str(tmp_path / "small.onnx"))
+    assert {i.data_type for i in big.graph.initializer} == {TensorProto.FLOAT16}
+    np.testing.assert_array_equal(run(big, feeds)[0], run(small, feeds)[0])

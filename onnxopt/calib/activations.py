@@ -55,14 +55,16 @@ def collect_stats(
 
 
 def iter_activations(
-    model: ir.Model, data: Iterable[Feeds], names: Sequence[str]
+    model: ir.Model, data: Iterable[Feeds], names: Sequence[str], *, prepack: bool = True
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per batch, the float tensors `names` (node outputs or graph inputs) of one ORT run with
-    graph optimizations off: one batch's activations in memory at a time."""
+    graph optimizations off: one batch's activations in memory at a time. `prepack=False` for
+    a few batches (see runtime.make_session)."""
     exposed, from_feeds = _expose(model, list(dict.fromkeys(names)))
     needs_run = len(exposed.graph.outputs) > 0  # only graph inputs asked for: no session
     session_context = (
-        runtime.model_session(exposed, optimize=False) if needs_run else contextlib.nullcontext()
+        runtime.model_session(exposed, optimize=False, prepack=prepack) if needs_run
+        else contextlib.nullcontext()
     )
     with session_context as session:
         for feeds in data:

@@ -23,14 +23,12 @@ import onnx_ir as ir
 
 from onnxopt.calib.activations import iter_activations
 from onnxopt.passes._graph import opset_version
-from onnxopt.passes.to_half import computes_float32
+from onnxopt.passes.to_half import FP16_MAX, FP16_MIN_NORMAL, computes_float32
 from onnxopt.precision import kernels
 
 __all__ = ["LONG_AXIS", "activation_ranges", "data_reasons", "graph_reasons"]
 
 LONG_AXIS = 4096  # terms summed in half beyond which float32 accumulation is kept
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0**-14
 _SUMS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
          "ReduceLogSumExp", "ReduceProd", "CumSum"}
 _PROVIDER = {"ort-cuda": "cuda", "tensorrt": "cuda", "ort-cpu": "cpu"}
@@ -129,7 +127,7 @@ def activation_ranges(model: ir.Model, batches: Sequence[dict]) -> dict[str, tup
              if v.name and v.dtype == ir.DataType.FLOAT]
     peaks: dict[str, float] = {}
     nonzero: dict[str, float] = {}
-    for found in iter_activations(model, batches, names):
+    for found in iter_activations(model, batches, names, prepack=False):  # the few judged
         for name, array in found.items():
             array = np.asarray(array)
             finite = np.abs(array[np.isfinite(array)]) if array.size else array

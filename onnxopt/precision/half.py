@@ -32,7 +32,7 @@ from onnxopt import io
 from onnxopt.calib.activations import iter_activations
 from onnxopt.errors import BadInputError
 from onnxopt.measure import placement, runtime, verify
-from onnxopt.measure.budget import Budget, latency_ratio
+from onnxopt.measure.budget import ONE_SESSION_BYTES, Budget, latency_ratio
 from onnxopt.passes._graph import matching_node_names, opset_version
 from onnxopt.passes.to_half import HALF_TYPES, ToHalfOptions, ToHalfPass, fill_dtypes, half_inputs
 from onnxopt.precision import decide
@@ -240,6 +240,11 @@ class _Trial:
         report = ToHalfPass(ToHalfOptions(self.options.dtype, frozenset(kept),
                                           self.options.keep_io_types))(copy)
         io.release_external(self.model)  # the float32 weights it read: unmapped again
+        if io.weight_bytes(self.model) > ONE_SESSION_BYTES:
+            # The half weights to a file: every session reads them from there (a hard link,
+            # not 1.2 GB serialized per session of a 2.4 GB model), and they leave memory.
+            io.spill(copy)
+            runtime.release_memory()
         return copy, report
 
     def run(self, kept: dict[str, str]) -> _Outcome:
