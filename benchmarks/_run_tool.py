@@ -1,6 +1,7 @@
 """Run one optimizer on one model in its own process, so its time and peak memory are its own.
 
     python benchmarks/_run_tool.py RESULT.json onnxsim|onnxslim|onnxoptimizer IN.onnx OUT.onnx
+    python benchmarks/_run_tool.py RESULT.json onnxconverter-fp16 IN.onnx OUT.onnx
     python benchmarks/_run_tool.py RESULT.json ort-quantize-dynamic IN.onnx OUT.onnx
     python benchmarks/_run_tool.py RESULT.json onnxopt optimize IN.onnx -o OUT.onnx ...
 
@@ -46,7 +47,15 @@ def _onnxoptimizer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     return onnxoptimizer.optimize(model, passes), {"passes": len(passes)}
 
 
-TOOLS = {"onnxsim": _onnxsim, "onnxslim": _onnxslim, "onnxoptimizer": _onnxoptimizer}
+def _onnxconverter_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    from onnxconverter_common import float16
+
+    # keep_io_types: float32 inputs and outputs, as onnxopt --fp16 keeps them by default
+    return float16.convert_float_to_float16(model, keep_io_types=True), {}
+
+
+TOOLS = {"onnxsim": _onnxsim, "onnxslim": _onnxslim, "onnxoptimizer": _onnxoptimizer,
+         "onnxconverter-fp16": _onnxconverter_fp16}
 
 
 def _peak_rss_mb() -> float | None:

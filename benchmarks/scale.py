@@ -1,16 +1,18 @@
 """Scale: a multi-GB model through onnxopt and its peers, time and peak memory side by side.
 
-    python benchmarks/scale.py                         # ~2.4 GB MLP, 6 runs, ~6 min on 2 cores
+    python benchmarks/scale.py                         # ~2.4 GB MLP, 9 runs, ~8 min on 2 cores
     python benchmarks/scale.py --blocks 12 --ffn 24576 # ~4.8 GB
 
 Builds an MLP with external data (`--blocks` blocks of MatMul+Add+Relu+MatMul+Add, hidden
 `--hidden`, feed-forward `--ffn`, float32 weights drawn with numpy's fixed seed 0, announced),
 then runs each tool in its own process (benchmarks/_run_tool.py: wall time, and peak RSS as the
-process's VmHWM) one after another: onnxopt's exact pipeline with --no-verify and with
-verification, onnxopt --int8 (calibration-free, dynamic) with --no-verify and verified (its
-accuracy budget and speed check), onnx-simplifier, and ONNX Runtime's quantize_dynamic. Ratios are against the model's weight bytes. Issue 16's targets:
-peak RSS <= 0.5x the model with --no-verify and <= 1.2x with verification, >= 3x faster than
-onnx-simplifier. The disk is synced before each run. Results: benchmarks/results/scale-DATE.json.
+process's VmHWM) one after another: onnxopt's exact pipeline, --int8 (calibration-free,
+dynamic: its accuracy budget and speed check) and --fp16 (judged by emulation without a GPU),
+each with --no-verify and verified; onnx-simplifier, ONNX Runtime's quantize_dynamic and
+onnxconverter-common's float16 conversion (keep_io_types). Ratios are against the model's
+weight bytes. Issue 16's targets: peak RSS <= 0.5x the model with --no-verify and <= 1.2x with
+verification, >= 3x faster than onnx-simplifier. The disk is synced before each run. Results:
+benchmarks/results/scale-DATE.json.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ RUNS = {
                                    "none", "-q", "--int8", "--no-verify"],
     "onnxopt --int8 (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
                                   "none", "-q", "--int8"],
+    "onnxopt --fp16 --no-verify": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                   "none", "-q", "--fp16", "--no-verify"],
+    "onnxopt --fp16 (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
+                                  "none", "-q", "--fp16"],
     "onnx-simplifier": ["onnxsim", "{src}", "{dst}"],
     "ORT quantize_dynamic": ["ort-quantize-dynamic", "{src}", "{dst}"],
+    "onnxconverter-common fp16": ["onnxconverter-fp16", "{src}", "{dst}"],
 }
 
 

@@ -25,6 +25,7 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnxopt import io
 from onnxopt.passes._graph import NameSource, constant, opset_version
 from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
@@ -112,11 +113,12 @@ class ToHalfPass(ir.passes.InPlacePass):
             return "has a subgraph"
         for index in positions:
             value = node.inputs[index] if index < len(node.inputs) else None
-            weight = _weight(value)
-            if weight is not None and half == ir.DataType.FLOAT16:
-                problem = _fp16_problem(weight)
-                if problem:
-                    return f"weight {value.name!r} {problem}"
+            weight = _weight(value) if half == ir.DataType.FLOAT16 else None
+            problem = _fp16_problem(weight) if weight is not None else ""
+            del weight  # its view of the float32 data, so that the mapping can go:
+            _release(value)  # one float32 weight resident at a time
+            if problem:
+                return f"weight {value.name!r} {problem}"
         return ""
 
 
@@ -170,6 +172,11 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
     """A float32 constant's data (an initializer, or a Constant node's output), else None."""
     data = constant(value)
     return data if data is not None and data.dtype == np.float32 else None
+
+
+def _release(value: ir.Value | None) -> None:
+    """Unmap a weight read from external data (see io.release_tensor)."""
+    io.release_tensor(value.const_value if value is not None else None)
 
 
 def _fp16_problem(weight: np.ndarray) -> str:
@@ -284,6 +291,8 @@ class _Rewriter:
             weight = _weight(value)
             self.to_half[value] = (self._half_weight(value, weight) if weight is not None else
                                    self._cast(value, self.half, f"{value.name}_{_short(self.half)}"))
+            del weight
+            _release(value)  # the float32 data read: unmapped (see _refusal)
             self.made_half.add(self.to_half[value])
         return self.to_half[value]
 
