@@ -21,12 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxopt import io
-from onnxopt.passes._graph import NameSource, constant, opset_version
+from onnxopt.passes._graph import NameSource, constant, opset_version, tensor_chunks
 from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
 
@@ -113,10 +113,8 @@ class ToHalfPass(ir.passes.InPlacePass):
             return "has a subgraph"
         for index in positions:
             value = node.inputs[index] if index < len(node.inputs) else None
-            weight = _weight(value) if half == ir.DataType.FLOAT16 else None
-            problem = _fp16_problem(weight) if weight is not None else ""
-            del weight  # its view of the float32 data, so that the mapping can go:
-            _release(value)  # one float32 weight resident at a time
+            source = _float_source(value) if half == ir.DataType.FLOAT16 else None
+            problem = _fp16_problem(_blocks(source)) if source is not None else ""
             if problem:
                 return f"weight {value.name!r} {problem}"
         return ""
@@ -174,41 +172,65 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
     return data if data is not None and data.dtype == np.float32 else None
 
 
-def _release(value: ir.Value | None) -> None:
-    """Unmap a weight read from external data (see io.release_tensor)."""
-    io.release_tensor(value.const_value if value is not None else None)
+def _float_source(value: ir.Value | None) -> ir.ExternalTensor | np.ndarray | None:
+    """A float32 constant's data: its external tensor when it is read from a file (see
+    _blocks), else the array (an initializer, or a Constant node's output); else None."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        return tensor if tensor.dtype == ir.DataType.FLOAT else None
+    return _weight(value)
 
 
-def _fp16_problem(weight: np.ndarray) -> str:
-    """Why this float32 weight cannot be float16: past its range, or too small for it (values
-    below 2^-14 are subnormal in float16 and lose precision, below 2^-25 they flush to zero)."""
-    if weight.size == 0:
-        return ""
-    # A block at a time: a 100 MB weight's temporaries stay in cache and out of the process's
-    # peak. Sums of squares per block in float32 (no float64 copy), added up in float64.
+def _blocks(source: ir.ExternalTensor | np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+    """The float32 `source` (see _float_source), flattened, _BLOCK values at a time, as often
+    as asked: an external tensor is read from its file (tensor_chunks: no page stays mapped and
+    resident, so a 786 MB weight costs a block of memory, not itself)."""
+    if isinstance(source, ir.ExternalTensor):
+        return lambda: (np.frombuffer(chunk, dtype="<f4")
+                        for chunk in tensor_chunks(source, _BLOCK * 4))
+    flat = source.reshape(-1)
+    return lambda: (flat[start:start + _BLOCK] for start in range(0, flat.size, _BLOCK))
+
+
+def _half_data(source: ir.ExternalTensor | np.ndarray, half: ir.DataType, name: str) -> ir.Tensor:
+    """The float32 `source` in half, one rounding to nearest even, a block at a time."""
+    data = np.empty(math.prod(source.shape), dtype=half.numpy())
+    start = 0
+    for block in _blocks(source)():
+        data[start:start + block.size] = block
+        start += block.size
+    return ir.tensor(data.reshape(tuple(source.shape)), dtype=half, name=name)
+
+
+def _fp16_problem(blocks: Callable[[], Iterator[np.ndarray]]) -> str:
+    """Why this float32 weight (its `blocks`, see _blocks) cannot be float16: past its range,
+    or too small for it (values below 2^-14 are subnormal in float16 and lose precision, below
+    2^-25 they flush to zero)."""
+    # Sums of squares per block in float32 (no float64 copy), added up in float64.
     peak, norm2, small_lost2 = 0.0, 0.0, 0.0
-    flat = weight.reshape(-1)
-    for start in range(0, flat.size, _BLOCK):
-        part = flat[start:start + _BLOCK]
+    for part in blocks():
         magnitude = np.abs(part)
-        peak = max(peak, float(np.max(magnitude)))
+        peak = max(peak, float(np.max(magnitude)) if part.size else 0.0)
         if not np.isfinite(peak) or peak > FP16_MAX:
             return f"reaches {peak:.3g}, past float16's {FP16_MAX:g}"
         norm2 += float(np.dot(part, part))
-        small = part[magnitude < FP16_MIN_NORMAL]  # subnormal in float16: few, as a rule
-        small_lost2 += float(np.sum(np.square(small - small.astype(np.float16).astype(np.float32),
-                                              dtype=np.float64)))
+        small_lost2 += _lost2(part[magnitude < FP16_MIN_NORMAL])  # subnormal in float16: few
     # Normal float16 values round by at most 2^-11 of themselves, so what they lose is at most
     # 2^-22 of the squared norm: only the subnormal ones are converted to measure theirs. 5% of
     # the norm lost means values deep in the subnormal range carry the weight (a LayerNorm
     # epsilon of 1e-6 loses 1.4e-3 and is harmless: the accuracy budget, not this guard, judges
     # small effects).
     if norm2 > 0 and small_lost2 + 2.0**-22 * norm2 > _LOST_SHARE**2 * norm2:
-        lost = float(np.linalg.norm(weight - weight.astype(np.float16).astype(np.float32)))
-        if lost > _LOST_SHARE * math.sqrt(norm2):
-            return (f"loses {lost / math.sqrt(norm2):.1e} of its norm in float16 (values too "
-                    "small for it)")
+        share = math.sqrt(sum(_lost2(part) for part in blocks()) / norm2)
+        if share > _LOST_SHARE:
+            return f"loses {share:.1e} of its norm in float16 (values too small for it)"
     return ""
+
+
+def _lost2(values: np.ndarray) -> float:
+    """The squared norm float16 rounding takes from float32 `values`."""
+    return float(np.sum(np.square(values - values.astype(np.float16).astype(np.float32)),
+                        dtype=np.float64))
 
 
 def fill_dtypes(model: ir.Model) -> None:
@@ -288,19 +310,23 @@ class _Rewriter:
         """The half version of a float32 input: a half weight, or a new Cast shared by every
         half reader of `value`."""
         if value not in self.to_half:
-            weight = _weight(value)
-            self.to_half[value] = (self._half_weight(value, weight) if weight is not None else
+            source = _float_source(value)
+            self.to_half[value] = (self._half_weight(value, source) if source is not None else
                                    self._cast(value, self.half, f"{value.name}_{_short(self.half)}"))
-            del weight
-            _release(value)  # the float32 data read: unmapped (see _refusal)
             self.made_half.add(self.to_half[value])
         return self.to_half[value]
 
-    def _half_weight(self, value: ir.Value, weight: np.ndarray) -> ir.Value:
-        data = weight.astype(self.half.numpy())  # one rounding from float32, to nearest even
+    def _half_weight(self, value: ir.Value, source: ir.ExternalTensor | np.ndarray) -> ir.Value:
         name = self.names(f"{value.name}_{_short(self.half)}")
-        twin = ir.Value(name=name, type=ir.TensorType(self.half), shape=ir.Shape(data.shape),
-                        const_value=ir.tensor(data, dtype=self.half, name=name))
+        shape = ir.Shape(source.shape)
+        if isinstance(source, ir.ExternalTensor):
+            # Read from its file when the data is asked for (a save, a spill), then dropped:
+            # a big model's half weights are never all in memory at once.
+            tensor = ir.LazyTensor(functools.partial(_half_data, source, self.half, name),
+                                   self.half, shape, name=name)
+        else:
+            tensor = _half_data(source, self.half, name)
+        twin = ir.Value(name=name, type=ir.TensorType(self.half), shape=shape, const_value=tensor)
         self.graph.register_initializer(twin)
         self.weights += 1
         return twin

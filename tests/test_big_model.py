@@ -44,7 +44,8 @@ def sparse_mlp(folder):
 CHILD = """
 import sys
 from onnxopt import cli
-sys.argv = ["onnxopt", "optimize", sys.argv[1], "-o", sys.argv[2], "--no-verify", "--bench", "none", "-q"]
+sys.argv = ["onnxopt", "optimize", sys.argv[1], "-o", sys.argv[2], "--no-verify", "--bench", "none",
+            "-q", *sys.argv[3:]]
 try:
     cli.main()
     code = 0
@@ -55,21 +56,39 @@ print("RESULT", code, int(peak) // 1024)
 """
 
 
-def test_a_model_over_2gb_in_bounded_memory(tmp_path):
+def optimized_in_a_child(tmp_path, *flags: str):
+    """`onnxopt optimize --no-verify FLAGS` on the sparse MLP in a fresh process: the output
+    path, once the run exited 0 with a peak RSS under half the model's weights."""
     src = sparse_mlp(tmp_path)
     out = tmp_path / "out" / "big.onnx"
     out.parent.mkdir()
-    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], capture_output=True,
-                           text=True, timeout=600)
+    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), *flags],
+                           capture_output=True, text=True, timeout=600)
     line = [x for x in child.stdout.splitlines() if x.startswith("RESULT")]
     assert line, child.stderr[-2000:]
     _, code, peak_mb = line[0].split()
     assert code == "0", child.stderr[-2000:]
     model_mb = 3 * WEIGHT_BYTES / 2**20
     assert int(peak_mb) < 0.5 * model_mb, f"peak RSS {peak_mb} MB for a {model_mb:.0f} MB model"
+    return out
+
+
+def test_a_model_over_2gb_in_bounded_memory(tmp_path):
+    out = optimized_in_a_child(tmp_path)
     written = onnx.load(str(out), load_external_data=False)
     assert [n.op_type for n in written.graph.node] == ["MatMul", "Relu", "MatMul", "MatMul"]
     onnx.checker.check_model(str(out))  # by path: the external data is read beside it
     data = out.parent / "big.onnx.data"
     # w0 and w2 are equal (all zeros): cleanup keeps one of them
     assert data.stat().st_size == 2 * WEIGHT_BYTES
+
+
+def test_a_model_over_2gb_to_float16_in_bounded_memory(tmp_path):
+    """--fp16 converts each weight when it is written (never all half weights in memory)."""
+    out = optimized_in_a_child(tmp_path, "--fp16")
+    written = onnx.load(str(out), load_external_data=False)
+    assert {t.data_type for t in written.graph.initializer} == {TensorProto.FLOAT16}
+    assert [n.op_type for n in written.graph.node] == ["Cast", "MatMul", "Relu", "MatMul",
+                                                       "MatMul", "Cast"]
+    onnx.checker.check_model(str(out))
+    assert (out.parent / "big.onnx.data").stat().st_size == WEIGHT_BYTES  # 2 of 3, in half

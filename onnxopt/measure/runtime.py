@@ -32,8 +32,8 @@ PROVIDERS = {
     "cuda": ("CUDAExecutionProvider", "onnxopt[gpu] (onnxruntime-gpu) and a CUDA GPU"),
     "tensorrt": ("TensorrtExecutionProvider", "onnxruntime-gpu built with TensorRT, and TensorRT"),
 }
-# Models whose weights pass this go to ORT (and the checker) through a temporary file, not bytes.
-INLINE_BYTES_LIMIT = 1 << 30
+# Models whose serialized size passes this go to ORT through a temporary file, not bytes.
+_BYTES_LIMIT = 1 << 30
 _TRIM_BYTES = 1 << 26  # sessions of models over this hand their freed memory back
 
 
@@ -336,7 +336,7 @@ def _runtime_distributions() -> list[str]:
 def model_file(model: ir.Model) -> Iterator[str | bytes]:
     """The model as ORT takes it: serialized bytes, or a temporary file when it is large or its
     weights are external (bytes cannot point at external data)."""
-    if io.external_files(model) or io.weight_bytes(model) > INLINE_BYTES_LIMIT:
+    if io.external_files(model) or io.weight_bytes(model) > _BYTES_LIMIT:
         with tempfile.TemporaryDirectory(prefix="onnxopt-run-", dir=_beside(model)) as tmp:
             path = Path(tmp) / "model.onnx"
             if not _linked(model, path):
@@ -361,7 +361,7 @@ def _linked(model: ir.Model, path: Path) -> bool:
     in-memory tensors past protobuf's limit, two files claiming one location): the caller
     then writes a full copy."""
     inline = sum(t.nbytes for t in io.iter_tensors(model) if not isinstance(t, ir.ExternalTensor))
-    if inline > INLINE_BYTES_LIMIT:
+    if inline > _BYTES_LIMIT:
         return False
     links: dict[str, Path] = {}
     for tensor in io.iter_tensors(model):

@@ -66,11 +66,12 @@ def required_of(model: ir.Model, *, load: bool = True) -> Validity:
 def checker_problem(model: ir.Model, *, full: bool = False) -> str:
     """The ONNX checker's complaint about `model`, or "". A model with external data is checked
     from a saved copy, by path, so relative data locations resolve beside it (not beside the
-    working directory) and models over 2 GB work (see _checkable)."""
+    working directory) and models over 2 GB work (see _checkable); so is a big one, whose
+    weights the checker would otherwise get serialized (and a lazy weight computed)."""
     import onnx
 
     try:
-        if io.external_files(model) or io.weight_bytes(model) > runtime.INLINE_BYTES_LIMIT:
+        if io.external_files(model) or io.weight_bytes(model) > _CHECK_INLINE_BYTES:
             with _checkable(model) as path:
                 onnx.checker.check_model(path, full_check=full)
         else:
@@ -78,6 +79,10 @@ def checker_problem(model: ir.Model, *, full: bool = False) -> str:
     except Exception as error:  # onnx's ValidationError/InferenceError, or serialization
         return root_cause(error)
     return ""
+
+
+# In-memory weights past this are not serialized for the checker (see _checkable).
+_CHECK_INLINE_BYTES = 1 << 26
 
 
 @contextlib.contextmanager
