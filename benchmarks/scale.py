@@ -136,7 +136,7 @@ def main(argv=None) -> int:
               f"{result.get('error', '')}", flush=True)
     simplifier = results.get("onnx-simplifier", {}).get("seconds")
     for result in results.values():
-        if simplifier and result.get("seconds"):
+        if simplifier and result.get("seconds") and result.get("exit_code") == 0:
             result["speedup_vs_onnxsim"] = round(simplifier / result["seconds"], 2)
     today = datetime.date.today().isoformat()
     target = Path(args.json or ROOT / "benchmarks" / "results" / f"scale-{today}.json")
