@@ -200,12 +200,14 @@ def input_shapes(feeds: dict) -> dict:
 # ---------------------------------------------------------------- the variants
 
 
-def onnxopt_half(case: Case, dtype: str, dst: Path, feeds: list | None = None
-                 ) -> tuple[dict, ir.Model]:
+def onnxopt_half(case: Case, dtype: str, dst: Path, feeds: list | None = None, *,
+                 check_speed: bool = True) -> tuple[dict, ir.Model]:
     """`optimize --fp16/--bf16` judged (and, on CUDA, timed) on `feeds` (default: the case's
-    inputs; --deploy-batch: the first batch tiled to that batch size)."""
+    inputs; --deploy-batch: the first batch tiled to that batch size). `check_speed=False`:
+    the half model even where it is slower (--allow-slower)."""
     start = time.perf_counter()
-    options = api.OptimizeOptions(bench=(), half=HalfOptions(dtype=dtype, target="ort-cuda"))
+    options = api.OptimizeOptions(bench=(), half=HalfOptions(dtype=dtype, target="ort-cuda",
+                                                             check_speed=check_speed))
     model, report = api.optimize(case.path, dst, options, feeds=feeds or case.feeds)
     half = dict(report.half or {})
     kept = half.pop("kept_float32", {}) or {}
@@ -384,7 +386,7 @@ def session_kwargs(ep: str) -> dict:
 
 
 def time_model(case: Case, files: dict[str, str], batches: list[int], ep: str,
-               seconds: float) -> dict:
+               seconds: float, cuda_options: list[str] = ()) -> dict:
     model = ir.load(case.path)
     sessions, found = {}, {}
     for key, file in files.items():
@@ -396,6 +398,13 @@ def time_model(case: Case, files: dict[str, str], batches: list[int], ep: str,
         except Exception as error:  # noqa: BLE001 (one variant's failure is its row)
             found.setdefault("errors", {})[key] = one_line(error)
             sessions.pop(key, None)
+    for option in cuda_options:  # fp32 and the half model under the same CUDA setting
+        for key in ("fp32", ANY_SPEED):
+            if key in files:
+                try:
+                    sessions[f"{key} {option}"] = cuda_session(files[key], option)
+                except Exception as error:  # noqa: BLE001
+                    found.setdefault("errors", {})[f"{key} {option}"] = one_line(error)
     for batch in batches:
         feeds = at_batch(case.feeds[0], model, batch)
         if feeds is None:
@@ -404,6 +413,30 @@ def time_model(case: Case, files: dict[str, str], batches: list[int], ep: str,
         say(f"{case.name}: timing batch {batch} ({', '.join(sessions)})")
         found[str(batch)] = time_batch(sessions, feeds, ep, batch, seconds)
     return found
+
+
+# --cuda-options: provider settings tried on fp32 and the half model side by side. NHWC: ORT's
+# CUDA provider runs Conv in channels-last (its float16 NhwcConv; cuDNN's half tensor-core
+# kernels want that layout), with one transpose at each end. A CUDA graph replays the whole
+# run as one launch. Both are ways around what may make small fp16 conv nets slower: ORT's
+# Conv+activation fusion (FusedConv) is float-only on CUDA, so their Relu/Add run apart.
+CUDA_OPTIONS = {"nhwc": {"prefer_nhwc": "1"}, "graph": {"enable_cuda_graph": "1"}}
+ANY_SPEED = "onnxopt-fp16 (any speed)"
+
+
+def cuda_session(file: str, option: str):
+    """A CUDA session of `file` with one of CUDA_OPTIONS (TF32 left at ORT's default, as in the
+    other timed sessions)."""
+    ort = runtime.onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [("CUDAExecutionProvider", CUDA_OPTIONS[option]), "CPUExecutionProvider"]
+    session = ort.InferenceSession(file, options, providers=providers)
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"CUDA did not register with {CUDA_OPTIONS[option]}")
+    session.onnxopt_ep, session.onnxopt_note = "cuda", ""  # for runtime.runner: bind on device
+    return session
 
 
 def time_batch(sessions: dict, feeds: dict, ep: str, batch: int, seconds: float) -> dict:
@@ -468,6 +501,9 @@ def run_model(name, path, npz, args, work: Path) -> dict:
     if deployed is not None:  # what a user who declares the batch they run gets
         makers.append((f"onnxopt-fp16@b{args.deploy_batch}", lambda: onnxopt_half(
             case, "float16", work / f"{name}.onnxopt.b{args.deploy_batch}.onnx", [deployed])))
+    if args.cuda_options:  # the half model itself, to time under other CUDA settings
+        makers.append((ANY_SPEED, lambda: onnxopt_half(
+            case, "float16", work / f"{name}.onnxopt.any-speed.onnx", check_speed=False)))
     makers.append(("anchor-fp16", lambda: anchor_half(case, work / f"{name}.anchor.onnx")))
     for key, make in makers:
         say(f"{name}: {key}")
@@ -478,7 +514,7 @@ def run_model(name, path, npz, args, work: Path) -> dict:
         write_json(args.result, args.json)
     if args.batches:
         row["latency"] = guarded(lambda: time_model(case, files, args.batches, args.ep,
-                                                    args.seconds))
+                                                    args.seconds, args.cuda_options))
     row["verdict"] = verdict(row, args)
     return row
 
@@ -512,6 +548,12 @@ def guarded(work):
         return {"error": one_line(error)}
 
 
+def shipped(key: str) -> bool:
+    """A latency entry of what `optimize` writes (not the half model kept at any speed, or
+    timed under other CUDA settings: explorations, outside the verdicts)."""
+    return key.startswith("onnxopt") and not key.startswith(ANY_SPEED)
+
+
 def verdict(row: dict, args) -> dict:
     ours = {k: v for k, v in row["variants"].items() if k.startswith("onnxopt") and "worst" in v}
     found: dict = {}
@@ -527,15 +569,15 @@ def verdict(row: dict, args) -> dict:
                                            else "not timed")
         return found
     found["never_slower"] = all(e[k]["low"] <= 1.0 for e in timed.values() for k in e
-                                if k.startswith("onnxopt"))
+                                if shipped(k))
     big = timed.get(str(BIG_BATCH))
     if big is None:
         found["batch64"] = "not timed (" + latency.get(str(BIG_BATCH), {}).get("skipped",
                                                                               "not asked") + ")"
         return found
     found["b64_not_slower_than_anchor"] = all(
-        big[k].get("vs_anchor", (0, 0, 0))[1] <= 1.0 for k in big if k.startswith("onnxopt"))
-    ours_big = [big[k]["ratio"] for k in big if k.startswith("onnxopt")]
+        big[k].get("vs_anchor", (0, 0, 0))[1] <= 1.0 for k in big if shipped(k))
+    ours_big = [big[k]["ratio"] for k in big if shipped(k)]
     if row["name"] in SPEEDUP_MODELS and ours_big:  # the best onnxopt variant at batch 64
         found["b64_speedup"] = round(1 / min(ours_big), 3)
         found["b64_speedup_ok"] = found["b64_speedup"] >= MIN_SPEEDUP
@@ -631,7 +673,9 @@ def cells(row: dict, key: str, variant: dict, batches: list[int]) -> list[str]:
     if "error" in variant:
         return [key, "error: " + variant["error"][:90]] + [""] * (5 + len(batches))
     w = variant.get("worst", {})
-    if "converted" in variant and not variant["converted"]:
+    if variant.get("judged") == "timed only":  # --cuda-options: a session setting, timed
+        form = "timed only"
+    elif "converted" in variant and not variant["converted"]:
         why = variant.get("undone") or variant.get("budget", "")
         form = "kept fp32: " + re.sub(r"^ONNX Runtime cannot load the model: ", "ORT: ",
                                       str(why))[:60]
@@ -693,6 +737,11 @@ def render(result: dict) -> None:
             fp32_cell(model, b) for b in batches])
         for key, variant in model["variants"].items():
             rows.append([""] + cells(model, key, variant, batches))
+        timed = [entry for entry in (model.get("latency") or {}).values()
+                 if isinstance(entry, dict)]
+        for key in sorted({k for entry in timed for k in entry if " " in k and k not in
+                           model["variants"] and k != "fp32 (A/A)"}):  # --cuda-options
+            rows.append([""] + cells(model, key, {"judged": "timed only"}, batches))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -782,6 +831,9 @@ def parse_args(argv=None):
     parser.add_argument("--deploy-batch", type=int, default=None,
                         help="also onnxopt --fp16 judged and timed at this batch (the shapes "
                              "a user declares), as variant onnxopt-fp16@bN")
+    parser.add_argument("--cuda-options", type=lambda s: [x for x in s.split(",") if x],
+                        default=[], help="with --ep cuda: also time fp32 and the half model "
+                        "(kept at any speed) with these CUDA settings: " + ", ".join(CUDA_OPTIONS))
     parser.add_argument("--no-metrics", dest="metrics", action="store_false")
     parser.add_argument("--quick", action="store_true", help="digits_resnet, batch 1, 1 s")
     parser.add_argument("--keep", help="keep the converted models in this folder")
@@ -789,6 +841,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--render", metavar="FILE.json", help="reprint a saved run's tables")
     args = parser.parse_args(argv)
+    unknown = [o for o in args.cuda_options if o not in CUDA_OPTIONS]
+    if unknown or (args.cuda_options and args.ep != "cuda"):
+        parser.error(f"--cuda-options: {', '.join(CUDA_OPTIONS)}, with --ep cuda only")
     if args.batches is None:
         args.batches = [1] if args.quick else ([1, 16, 64] if args.ep == "cuda" else [])
     args.seconds = args.seconds or (1.0 if args.quick else 4.0)

@@ -36,7 +36,11 @@ timeout 40 python3 -m onnxopt optimize $H/ppocr_cls.onnx -o /tmp/cls_fp16.onnx -
     --inputs $H/ppocr_cls.npz --report $OUT/fp16_cls.json > $OUT/fp16_cls.txt 2>&1
 echo "fp16 cls rc=$?"; grep -E "float16|budget|speed|kept|cuda|note" $OUT/fp16_cls.txt | head -12
 cd $ROOT
+# CUDA_OPTIONS: also time fp32 and the half model (at any speed) channels-last and/or as one
+# CUDA graph (half.py --cuda-options); CUDA_OPTIONS= leaves them out.
+CUDA_OPTIONS=${CUDA_OPTIONS-nhwc,graph}
 timeout 190 python3 benchmarks/half.py --ep cuda $LIGHT --deploy-batch 16 --batches 1,16,64 --seconds 2 \
+    ${CUDA_OPTIONS:+--cuda-options $CUDA_OPTIONS} \
     --json $OUT/half-cuda.json --models digits_resnet \
     ppocr_det=$H/ppocr_det.onnx:$H/ppocr_det.npz ppocr_rec=$H/ppocr_rec.onnx:$H/ppocr_rec.npz \
     ppocr_cls=$H/ppocr_cls.onnx:$H/ppocr_cls.npz > $OUT/half-cuda.txt 2>&1
