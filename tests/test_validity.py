@@ -124,3 +124,25 @@ def test_backend_sequence_model_comes_out_valid(tmp_path, capsys, monkeypatch):
     assert report["verification"]["status"] == "skipped"
     assert "not verified" in stdout and "onnx.checker full check" in stdout
     assert src.read_bytes() == before
+
+
+def test_the_checker_sees_external_and_string_weights_as_written(tmp_path):
+    """The checker reads a stand-in copy of a model with external data: a float weight becomes
+    a stand-in file, a string initializer (never external) stays inline. (That the data files
+    exist and are long enough is io.load's check, not the checker's.)"""
+    from onnxopt import io
+
+    words = helper.make_tensor("words", onnx.TensorProto.STRING, [300],
+                               [f"word{i}".encode() for i in range(300)])  # > 1 KB of strings
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                        helper.make_node("Identity", ["words"], ["s"], name="id")],
+                       [value_info("x", [1, 64])],
+                       [value_info("y", [1, 64]),
+                        helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [300])],
+                       [tensor("w", np.ones((64, 64))), words])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=1024)
+    model = io.load(path)
+    assert validity.checker_problem(model, full=True) == ""
+    assert validity.required_of(model) == validity.Validity(True, True, True)

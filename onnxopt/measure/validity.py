@@ -106,7 +106,8 @@ def _checkable(model: ir.Model) -> Iterator[str]:
                     location, offset = tensor.location, tensor.offset or 0
                     if Path(location).is_absolute() or ".." in Path(location).parts:
                         continue
-                elif tensor is not None and tensor.nbytes >= io.EXTERNAL_TENSOR_MIN_BYTES:
+                elif (tensor is not None and tensor.dtype != ir.DataType.STRING  # never external
+                      and tensor.nbytes >= io.EXTERNAL_TENSOR_MIN_BYTES):
                     location, offset = "weights.bin", ends.get("weights.bin", 0)
                 else:
                     continue
