@@ -107,7 +107,7 @@ def test_one_at_a_time_timing_stops_the_second_once_its_verdict_is_known(monkeyp
     if settles:
         assert second_runs == 5 and high < 1.0 and ratio < 0.2
     else:
-        assert second_runs > 10 and low <= 1.0 <= high * 1.5
+        assert second_runs > 10 and 0.8 < ratio < 1.25  # a tie, timed to the end
 
 
 def test_deduplication_of_external_tensors(tmp_path):
