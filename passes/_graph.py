@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -12,7 +12,8 @@ import onnx_ir.passes.common as common
 from onnxopt.errors import BadInputError
 
 __all__ = ["constant", "describe", "all_graphs", "NameSource", "matching_node_names",
-           "opset_version", "annotate_ranks", "rank_of", "new_initializer", "tensor_chunks"]
+           "opset_version", "annotate_ranks", "rank_of", "new_initializer", "new_lazy_initializer",
+           "tensor_chunks"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -134,5 +135,19 @@ def new_initializer(graph: ir.Graph, names: NameSource, base: str, array: np.nda
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
     value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def new_lazy_initializer(graph: ir.Graph, names: NameSource, base: str, dtype: ir.DataType,
+                         shape: Sequence[int], compute: Callable[[], np.ndarray]) -> ir.Value:
+    """Register a new initializer named after `base` whose data `compute()` makes each time it
+    is asked for (a save, a spill, a session) and nobody keeps: a pass rewriting a big model's
+    weights from their file holds none of them in memory (ir.LazyTensor)."""
+    name = names(base)
+    tensor = ir.LazyTensor(lambda: ir.tensor(compute(), dtype=dtype, name=name), dtype,
+                           ir.Shape(shape), name=name)
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
+                     const_value=tensor)
     graph.register_initializer(value)
     return value

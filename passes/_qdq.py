@@ -15,10 +15,12 @@ from the float32 scale that is stored, so the graph dequantizes exactly what was
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +37,7 @@ __all__ = [
     "activation_qparams",
     "add_dequantized",
     "bias_index",
+    "block_rows",
     "cpu_needs_reduce_range",
     "infer_dtypes",
     "insert_qdq",
@@ -69,9 +72,7 @@ def weight_scale(w: np.ndarray, axis: int | None, reduce_range: bool,
     buys finer steps for all the others."""
     q_max = 63.0 if reduce_range else 127.0
     if clip == "max":  # |w| and its max are exact in w's own dtype: no float64 copy of w
-        others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
-        peak = (np.abs(w).max(axis=others).astype(np.float64) if w.size else
-                np.zeros(() if axis is None else w.shape[axis]))
+        peak = _abs_max(w, axis).astype(np.float64)
         return np.where(peak > 0, peak / q_max, 1.0)
     w = np.abs(w.astype(np.float64))
     rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
@@ -82,6 +83,28 @@ def weight_scale(w: np.ndarray, axis: int | None, reduce_range: bool,
         peak = _mse_ranges(rows, peak, q_max)
     peak = peak.reshape(()) if axis is None else peak
     return np.where(peak > 0, peak / q_max, 1.0)  # an all-zero channel quantizes to 0 anyway
+
+
+def _abs_max(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |w| over everything (axis None) or per index of `axis`, a block of rows at a time:
+    no |w| copy of a whole 786 MB weight."""
+    if w.size == 0:
+        return np.zeros(() if axis is None else w.shape[axis], dtype=w.dtype)
+    if w.ndim == 0:
+        return np.abs(w)
+    rows = block_rows(w.shape)
+    others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+    peaks = [np.abs(w[start:start + rows]).max(axis=others) for start in range(0, len(w), rows)]
+    if axis == 0:  # each block holds its own channels
+        return np.concatenate(peaks)
+    return np.max(np.stack(peaks), axis=0)
+
+
+def block_rows(shape: Sequence[int]) -> int:
+    """Rows (first-axis entries) of a tensor of `shape` that make about _BLOCK_ELEMENTS
+    elements: the block weights are scanned and rounded in."""
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return max(1, _BLOCK_ELEMENTS // max(1, row))
 
 
 def _mse_ranges(rows: np.ndarray, peak: np.ndarray, q_max: float) -> np.ndarray:
@@ -110,7 +133,7 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None,
     if w.ndim == 0:
         return np.clip(np.round(np.float64(w) / divisor), -q_max, q_max).astype(np.int8), scale32
     q = np.empty(w.shape, dtype=np.int8)
-    rows = max(1, _BLOCK_ELEMENTS // max(1, w.size // max(1, len(w))))
+    rows = block_rows(w.shape)
     for start in range(0, len(w), rows):
         block = w[start:start + rows].astype(np.float64)
         block /= divisor[start:start + rows] if axis == 0 else divisor

@@ -24,6 +24,7 @@ DynamicQuantizeMatMul is no MatMul, so a second run changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -32,7 +33,14 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt import io
 from onnxopt.passes import _gather, _qdq
-from onnxopt.passes._graph import NameSource, constant, describe, new_initializer
+from onnxopt.passes._graph import (
+    NameSource,
+    constant,
+    describe,
+    new_initializer,
+    new_lazy_initializer,
+    tensor_chunks,
+)
 from onnxopt.passes._report import PassReport
 
 __all__ = ["QuantizeDynamicOptions", "QuantizeDynamicPass"]
@@ -138,6 +146,22 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
                 return f"bias {bias.name!r} is not a float32 constant of shape [{w.shape[1]}]"
         return _Site(node, w, bias, None)
 
+    def _quantized(self, graph: ir.Graph, names: NameSource, base: str, site: _Site, scale,
+                   axis) -> tuple[ir.Value, np.ndarray]:
+        """(the int8 weight's initializer, its float32 scale). A weight read from a file is
+        rounded when the data is asked for (a save, a spill) and then dropped, so a big model's
+        int8 weights are never all in memory; one in memory is rounded now."""
+        source = site.node.inputs[1].const_value
+        if isinstance(source, ir.ExternalTensor):
+            node = site.node
+            transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+            compute = functools.partial(_quantized_from_file, source, transposed, scale, axis,
+                                        self.options.reduce_range)
+            return (new_lazy_initializer(graph, names, base, ir.DataType.INT8, site.weight.shape,
+                                         compute), scale.astype(np.float32))
+        q, scale32 = _qdq.quantize_weight(site.weight, scale, axis, self.options.reduce_range)
+        return new_initializer(graph, names, base, q), scale32
+
     def _rewrite(self, graph: ir.Graph, names: NameSource, site: _Site, cache: dict) -> str:
         node, b_value = site.node, site.node.inputs[1]
         axis = 1 if self.options.per_channel else None
@@ -145,10 +169,10 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         if key not in cache:  # a weight shared by several ops is stored once
             scale = _qdq.weight_scale(site.weight, axis, self.options.reduce_range,
                                       self.options.clip_weights)
-            q, scale32 = _qdq.quantize_weight(site.weight, scale, axis, self.options.reduce_range)
             base = b_value.name or "weight"
-            cache[key] = [new_initializer(graph, names, f"{base}_quantized", q),
-                          new_initializer(graph, names, f"{base}_scale", scale32),
+            quantized, scale32 = self._quantized(graph, names, f"{base}_quantized", site,
+                                                 scale, axis)
+            cache[key] = [quantized, new_initializer(graph, names, f"{base}_scale", scale32),
                           new_initializer(graph, names, f"{base}_zero_point",
                                           np.zeros(scale32.shape, dtype=np.int8))]
         inputs = [node.inputs[0], *cache[key]]
@@ -164,6 +188,29 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         if site.add is not None:
             return f"weight {kind}, bias from {describe(site.add)} folded in"
         return f"weight {kind}" + (", bias kept float" if site.bias is not None else "")
+
+
+def _quantized_from_file(source: ir.ExternalTensor, transposed: bool, scale, axis,
+                         reduce_range: bool) -> np.ndarray:
+    """The int8 of a float [K, N] weight read from its file: a block of rows at a time (no
+    page of it stays resident), or, stored transposed (Gemm's transB), through its mapping,
+    released once rounded."""
+    if not transposed:
+        columns = source.shape[1]
+        rows = _qdq.block_rows(source.shape)
+        q = np.empty(tuple(source.shape), dtype=np.int8)
+        start = 0
+        for chunk in tensor_chunks(source, rows * columns * 4):
+            block = np.frombuffer(chunk, dtype="<f4").reshape(-1, columns)
+            q[start:start + len(block)], _ = _qdq.quantize_weight(block, scale, axis,
+                                                                 reduce_range)
+            start += len(block)
+        return q
+    weight = source.numpy()
+    q, _ = _qdq.quantize_weight(weight.T, scale, axis, reduce_range)
+    del weight  # its view of the mapping, so that the mapping can go
+    io.release_tensor(source)
+    return q
 
 
 def _following_bias(node: ir.Node, columns: int) -> tuple[ir.Value | None, ir.Node | None]:

@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxopt.passes._graph import NameSource, constant, opset_version, tensor_chunks
+from onnxopt.passes._graph import (
+    NameSource,
+    constant,
+    new_initializer,
+    new_lazy_initializer,
+    opset_version,
+    tensor_chunks,
+)
 from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
 
@@ -192,14 +199,14 @@ def _blocks(source: ir.ExternalTensor | np.ndarray) -> Callable[[], Iterator[np.
     return lambda: (flat[start:start + _BLOCK] for start in range(0, flat.size, _BLOCK))
 
 
-def _half_data(source: ir.ExternalTensor | np.ndarray, half: ir.DataType, name: str) -> ir.Tensor:
+def _half_data(source: ir.ExternalTensor | np.ndarray, half: ir.DataType) -> np.ndarray:
     """The float32 `source` in half, one rounding to nearest even, a block at a time."""
     data = np.empty(math.prod(source.shape), dtype=half.numpy())
     start = 0
     for block in _blocks(source)():
         data[start:start + block.size] = block
         start += block.size
-    return ir.tensor(data.reshape(tuple(source.shape)), dtype=half, name=name)
+    return data.reshape(tuple(source.shape))
 
 
 def _fp16_problem(blocks: Callable[[], Iterator[np.ndarray]]) -> str:
@@ -317,19 +324,14 @@ class _Rewriter:
         return self.to_half[value]
 
     def _half_weight(self, value: ir.Value, source: ir.ExternalTensor | np.ndarray) -> ir.Value:
-        name = self.names(f"{value.name}_{_short(self.half)}")
-        shape = ir.Shape(source.shape)
+        self.weights += 1
+        base = f"{value.name}_{_short(self.half)}"
         if isinstance(source, ir.ExternalTensor):
             # Read from its file when the data is asked for (a save, a spill), then dropped:
             # a big model's half weights are never all in memory at once.
-            tensor = ir.LazyTensor(functools.partial(_half_data, source, self.half, name),
-                                   self.half, shape, name=name)
-        else:
-            tensor = _half_data(source, self.half, name)
-        twin = ir.Value(name=name, type=ir.TensorType(self.half), shape=shape, const_value=tensor)
-        self.graph.register_initializer(twin)
-        self.weights += 1
-        return twin
+            return new_lazy_initializer(self.graph, self.names, base, self.half, source.shape,
+                                        functools.partial(_half_data, source, self.half))
+        return new_initializer(self.graph, self.names, base, _half_data(source, self.half))
 
     def _cast(self, value: ir.Value, to: ir.DataType, name: str) -> ir.Value:
         cast = ir.node("Cast", [value], {"to": to}, name=self.names(f"{name}_Cast"))

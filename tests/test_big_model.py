@@ -92,3 +92,16 @@ def test_a_model_over_2gb_to_float16_in_bounded_memory(tmp_path):
                                                        "MatMul", "Cast"]
     onnx.checker.check_model(str(out))
     assert (out.parent / "big.onnx.data").stat().st_size == WEIGHT_BYTES  # 2 of 3, in half
+
+
+def test_a_model_over_2gb_to_int8_in_bounded_memory(tmp_path):
+    """--int8 --no-verify (dynamic, unjudged) rounds each weight when it is written, from its
+    file a block of rows at a time: the int8 weights are never all in memory either."""
+    out = optimized_in_a_child(tmp_path, "--int8")
+    written = onnx.load(str(out), load_external_data=False)
+    assert [n.op_type for n in written.graph.node] == ["DynamicQuantizeMatMul", "Relu",
+                                                       "DynamicQuantizeMatMul",
+                                                       "DynamicQuantizeMatMul"]
+    onnx.checker.check_model(str(out))
+    int8 = [t for t in written.graph.initializer if t.data_type == TensorProto.INT8]
+    assert sum(t.dims[0] * t.dims[1] for t in int8 if len(t.dims) == 2) == 2 * WEIGHT_BYTES // 4

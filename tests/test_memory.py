@@ -110,6 +110,37 @@ def test_one_at_a_time_timing_stops_the_second_once_its_verdict_is_known(monkeyp
         assert second_runs > 10 and 0.8 < ratio < 1.25  # a tie, timed to the end
 
 
+@pytest.mark.parametrize("op", ["MatMul", "Gemm transB"])
+def test_int8_and_half_of_external_weights_are_made_when_written(tmp_path, op):
+    """A weight read from a file is rounded to int8 (dynamic) or half only when its data is
+    asked for, from the file a block at a time: the same numbers as the in-memory rewrite."""
+    from onnxopt.passes import (QuantizeDynamicOptions, QuantizeDynamicPass, ToHalfOptions,
+                                ToHalfPass)
+
+    rng = np.random.default_rng(5)  # fixed seed: the weight
+    weight = (rng.standard_normal((300, 200)) * 0.05).astype(np.float32)
+    if op == "MatMul":
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")
+    else:
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")
+        weight = np.ascontiguousarray(weight.T)  # stored [N, K]
+    proto = make_model([node], [value_info("x", [2, 300])], [value_info("y", [2, 200])],
+                       [tensor("w", weight)])
+    in_memory_proto = onnx.ModelProto()
+    in_memory_proto.CopyFrom(proto)  # saving with external data moves the proto's tensors out
+    path = saved_external(proto, tmp_path)
+    for rewrite, dtype in ((QuantizeDynamicPass(QuantizeDynamicOptions(reduce_range=False)),
+                            ir.DataType.INT8),
+                           (ToHalfPass(ToHalfOptions("float16")), ir.DataType.FLOAT16)):
+        external, in_memory = io.load(path), ir.serde.deserialize_model(in_memory_proto)
+        rewrite(external), rewrite(in_memory)
+        [made], [expected] = ([v for v in model.graph.initializers.values()
+                               if v.dtype == dtype and v.const_value.size == weight.size]
+                              for model in (external, in_memory))  # not int8's zero points
+        assert isinstance(made.const_value, ir.LazyTensor)
+        np.testing.assert_array_equal(made.const_value.numpy(), expected.const_value.numpy())
+
+
 def test_deduplication_of_external_tensors(tmp_path):
     path = saved_external(matmul_chain(np.random.default_rng(0), equal=True), tmp_path)
     model = io.load(path)
