@@ -182,9 +182,10 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
 def _float_source(value: ir.Value | None) -> ir.ExternalTensor | np.ndarray | None:
     """A float32 constant's data: its external tensor when it is read from a file (see
     _blocks), else the array (an initializer, or a Constant node's output); else None."""
-    tensor = value.const_value if value is not None else None
-    if isinstance(tensor, ir.ExternalTensor):
-        return tensor if tensor.dtype == ir.DataType.FLOAT else None
+    if value is None or value.is_graph_input():
+        return None  # an initializer a caller may override is no constant (see constant)
+    if isinstance(value.const_value, ir.ExternalTensor):
+        return value.const_value if value.const_value.dtype == ir.DataType.FLOAT else None
     return _weight(value)
 
 

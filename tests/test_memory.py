@@ -141,6 +141,22 @@ def test_int8_and_half_of_external_weights_are_made_when_written(tmp_path, op):
         np.testing.assert_array_equal(made.const_value.numpy(), expected.const_value.numpy())
 
 
+def test_an_overridable_external_initializer_is_cast_not_converted(tmp_path):
+    """An initializer that is also a graph input may be fed by the caller: to-half reads it
+    through a Cast, as it does in memory, and leaves its data alone."""
+    from onnxopt.passes import ToHalfOptions, ToHalfPass
+
+    weight = np.random.default_rng(6).standard_normal((300, 200)).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [value_info("x", [2, 300]), value_info("w", [300, 200])],
+                       [value_info("y", [2, 200])], [tensor("w", weight)])
+    model = io.load(saved_external(proto, tmp_path))
+    report = ToHalfPass(ToHalfOptions("float16"))(model)
+    assert report.counts["weights"] == 0
+    assert model.graph.initializers["w"].dtype == ir.DataType.FLOAT
+    assert [n.op_type for n in model.graph] == ["Cast", "Cast", "MatMul", "Cast"]
+
+
 def test_deduplication_of_external_tensors(tmp_path):
     path = saved_external(matmul_chain(np.random.default_rng(0), equal=True), tmp_path)
     model = io.load(path)
