@@ -11,7 +11,7 @@ import onnx_ir.passes.common as common
 
 from onnxopt.errors import BadInputError
 
-__all__ = ["constant", "describe", "all_graphs", "NameSource", "matching_node_names",
+__all__ = ["constant", "constant_tensor", "float32_blocks", "describe", "all_graphs", "NameSource", "matching_node_names",
            "opset_version", "annotate_ranks", "rank_of", "new_initializer", "new_lazy_initializer",
            "tensor_chunks"]
 
@@ -19,15 +19,21 @@ _RANK_KEY = "onnxopt.rank"
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's data when it is a true constant: an initializer that is not also a graph
-    input (a caller could override that), or a Constant node's output. Else None."""
+    """The value's data when it is a true constant (see constant_tensor), else None."""
+    tensor = constant_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind the value when it is a true constant: an initializer that is not also
+    a graph input (a caller could override that), or a Constant node's output. Else None. An
+    external tensor stays unread (float32_blocks reads it a block at a time)."""
     if value is None or value.is_graph_input():
         return None
     try:
-        tensor = ir.convenience.get_const_tensor(value)
+        return ir.convenience.get_const_tensor(value)
     except ValueError:  # a malformed Constant node (no value attribute, or two): not a constant
         return None
-    return None if tensor is None else tensor.numpy()
 
 
 CHUNK_BYTES = 1 << 26
@@ -50,6 +56,14 @@ def tensor_chunks(tensor: ir.TensorProtocol, size: int = CHUNK_BYTES) -> Iterato
     flat = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
     for start in range(0, flat.size, size):
         yield flat[start:start + size].tobytes()
+
+
+def float32_blocks(tensor: ir.ExternalTensor, elements: int) -> Iterator[np.ndarray]:
+    """A float32 external tensor's values, flattened, `elements` at a time, read from its file
+    (tensor_chunks: no page stays mapped and resident, so a 786 MB weight costs a block of
+    memory, not itself)."""
+    for chunk in tensor_chunks(tensor, elements * 4):
+        yield np.frombuffer(chunk, dtype="<f4")
 
 
 def describe(node: ir.Node) -> str:

@@ -37,9 +37,9 @@ from onnxopt.passes._graph import (
     NameSource,
     constant,
     describe,
+    float32_blocks,
     new_initializer,
     new_lazy_initializer,
-    tensor_chunks,
 )
 from onnxopt.passes._report import PassReport
 
@@ -200,8 +200,8 @@ def _quantized_from_file(source: ir.ExternalTensor, transposed: bool, scale, axi
         rows = _qdq.block_rows(source.shape)
         q = np.empty(tuple(source.shape), dtype=np.int8)
         start = 0
-        for chunk in tensor_chunks(source, rows * columns * 4):
-            block = np.frombuffer(chunk, dtype="<f4").reshape(-1, columns)
+        for flat in float32_blocks(source, rows * columns):
+            block = flat.reshape(-1, columns)
             q[start:start + len(block)], _ = _qdq.quantize_weight(block, scale, axis,
                                                                  reduce_range)
             start += len(block)

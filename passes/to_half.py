@@ -28,11 +28,11 @@ import onnx
 import onnx_ir as ir
 from onnxopt.passes._graph import (
     NameSource,
-    constant,
+    constant_tensor,
+    float32_blocks,
     new_initializer,
     new_lazy_initializer,
     opset_version,
-    tensor_chunks,
 )
 from onnxopt.passes._qdq import infer_dtypes
 from onnxopt.passes._report import PassReport
@@ -173,29 +173,21 @@ def computes_float32(node: ir.Node) -> bool:
     return node.outputs[0].dtype == ir.DataType.FLOAT
 
 
-def _weight(value: ir.Value | None) -> np.ndarray | None:
-    """A float32 constant's data (an initializer, or a Constant node's output), else None."""
-    data = constant(value)
-    return data if data is not None and data.dtype == np.float32 else None
-
-
 def _float_source(value: ir.Value | None) -> ir.ExternalTensor | np.ndarray | None:
-    """A float32 constant's data: its external tensor when it is read from a file (see
-    _blocks), else the array (an initializer, or a Constant node's output); else None."""
-    if value is None or value.is_graph_input():
-        return None  # an initializer a caller may override is no constant (see constant)
-    if isinstance(value.const_value, ir.ExternalTensor):
-        return value.const_value if value.const_value.dtype == ir.DataType.FLOAT else None
-    return _weight(value)
+    """A float32 constant's data (see constant_tensor): its external tensor, unread, when it
+    is read from a file (see _blocks), else the array; None when `value` is no float32
+    constant."""
+    tensor = constant_tensor(value)
+    if tensor is None or tensor.dtype != ir.DataType.FLOAT:
+        return None
+    return tensor if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
 
 
 def _blocks(source: ir.ExternalTensor | np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
     """The float32 `source` (see _float_source), flattened, _BLOCK values at a time, as often
-    as asked: an external tensor is read from its file (tensor_chunks: no page stays mapped and
-    resident, so a 786 MB weight costs a block of memory, not itself)."""
+    as asked; an external one from its file (float32_blocks)."""
     if isinstance(source, ir.ExternalTensor):
-        return lambda: (np.frombuffer(chunk, dtype="<f4")
-                        for chunk in tensor_chunks(source, _BLOCK * 4))
+        return lambda: float32_blocks(source, _BLOCK)
     flat = source.reshape(-1)
     return lambda: (flat[start:start + _BLOCK] for start in range(0, flat.size, _BLOCK))
 
