@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes import _gather, _qdq
-from onnxopt.passes._graph import NameSource, constant, describe, opset_version
+from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, opset_version
 from onnxopt.passes._qdq import cpu_needs_reduce_range, optimized_kernel_counts, ort_kernel_counts
 from onnxopt.passes._report import PassReport
 
@@ -55,6 +55,7 @@ __all__ = [
     "optimized_kernel_counts",
     "ort_kernel_counts",
     "quantizable_tensors",
+    "with_switches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -303,6 +304,130 @@ def _output_tensor(node: ir.Node, exclude) -> ir.Value | None:
             and consumers[0].name not in exclude):
         output = consumers[0].outputs[0]
     return output if output.uses() else None
+
+
+def with_switches(model: ir.Model, options: QuantizeInt8Options,
+                  layers: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+    """The accuracy budget's sensitivity ranking in one model: `model` quantized by the pass
+    with `options`, plus a boolean graph input (a switch) per layer of `layers` that, fed
+    False (one switch at a time), gives what the pass makes with that layer added to
+    `exclude`: its weight, bias or embedding table float again, and each activation pair that
+    only it planned gone for every reader (the pass shares a pair among a tensor's consumers).
+    Where leaving a layer out turns later layers down too (a MaxPool's output reuses its
+    input's scale and has no range of its own: without the MaxPool, the Conv after it is not
+    quantized), its switch turns those off with it. Nothing is switched in a model with
+    If/Loop/Scan bodies. Returns (model, layer -> switch input name): one session then runs
+    every layer's case, where a rewrite and a session per layer cost several times the run."""
+    work = model.clone()
+    graph = work.graph
+    if len(list(work.graphs())) > 1:
+        return work, {}
+    dtypes = options.dtypes if options.dtypes is not None else _qdq.infer_dtypes(work)
+    plan = _plan_tensorrt if options.target == "tensorrt" else _plan
+    has_range = lambda v: v.name in options.ranges
+    sites, _ = plan(graph, dtypes, has_range, set(options.exclude))
+    off = _sites_off(sites, layers, lambda name: plan(
+        graph, dtypes, has_range, {*options.exclude, name})[0], has_range)
+    turned_off = {name for names in off.values() for name in names}
+    constants = {s.node.name: (s.node, {i: (v, constant(v)) for i, v in enumerate(s.node.inputs)
+                                        if i > 0 and constant(v) is not None})
+                 for s in sites if s.node.name in turned_off}
+    planners: dict[str, set[str]] = {}
+    for site in sites:
+        for value in (*site.inputs, site.output):
+            if value is not None:
+                planners.setdefault(value.name, set()).add(site.node.name)
+    lookups = set(layers) - set(options.exclude)
+    tables = {n.name: (n.inputs[1], constant(n.inputs[0]), n.outputs[0].name) for n in graph
+              if n.name in lookups
+              and _gather.gather_refusal(n) is None and not n.outputs[0].is_graph_output()}
+    before = set(graph)  # the nodes the pass found (it adds the Q/DQ and lookups)
+    QuantizeInt8Pass(options)(work)
+    names = NameSource(graph)
+    switches = {}
+    for layer in [n for n in layers if n in off or n in tables]:
+        switches[layer] = ir.Value(name=names(f"{layer}_int8_on"), shape=ir.Shape([]),
+                                   type=ir.TensorType(ir.DataType.BOOL))
+        graph.inputs.append(switches[layer])
+    conditions: dict[frozenset, ir.Value] = {}
+
+    def condition(layers_off: frozenset) -> ir.Value:
+        """True unless the switch of one of `layers_off` is False: an And of their switches."""
+        if layers_off not in conditions:
+            values = [switches[layer] for layer in sorted(layers_off)]
+            while len(values) > 1:
+                both = ir.node("And", values[:2], name=names("int8_switch_and"))
+                both.outputs[0].name = names("int8_switch_and_output")
+                graph.insert_before(next(iter(graph)), both)
+                values = [both.outputs[0], *values[2:]]
+            conditions[layers_off] = values[0]
+        return conditions[layers_off]
+
+    def choose(layers_off: frozenset, quantized: ir.Value, exact: ir.Value, after: ir.Node,
+               readers: list) -> None:
+        """`readers` (uses of `quantized`) read Where(condition, quantized, exact) instead."""
+        where = ir.node("Where", [condition(layers_off), quantized, exact],
+                        name=names("int8_switch"))
+        where.outputs[0].name = names(f"{quantized.name}_switched")
+        where.outputs[0].type, where.outputs[0].shape = quantized.type, quantized.shape
+        graph.insert_after(after, where)
+        for use in readers:
+            use.node.replace_input_with(use.idx, where.outputs[0])
+
+    for site_name, (node, originals) in constants.items():
+        layers_off = frozenset(layer for layer, sites_off in off.items() if site_name in sites_off)
+        for index, (value, array) in originals.items():
+            quantized = node.inputs[index]
+            if quantized is not value:  # the pass put a DequantizeLinear there
+                exact = new_initializer(graph, names, f"{value.name or 'weight'}_float", array)
+                choose(layers_off, quantized, exact, quantized.producer(),
+                       [u for u in quantized.uses() if u.node is node and u.idx == index])
+    current = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    for name, planned_by in planners.items():
+        layers_off = frozenset(layer for layer, sites_off in off.items()
+                               if planned_by <= sites_off)
+        value = current.get(name)
+        dq = _added_pair(value, before) if layers_off and value is not None else None
+        if dq is not None:  # a pair that only layers these switches turn off planned
+            choose(layers_off, dq.outputs[0], value, dq, list(dq.outputs[0].uses()))
+    for layer, (ids, table, output) in tables.items():
+        lookup = current.get(output)
+        if lookup is None or lookup.producer() in before:
+            continue  # not rewritten
+        exact = ir.node("Gather", [new_initializer(graph, names, f"{layer}_table_float", table),
+                                   ids], {"axis": 0}, name=names(f"{layer}_float"))
+        graph.insert_after(lookup.producer(), exact)
+        readers = [u for u in lookup.uses() if u.node is not exact]
+        choose(frozenset([layer]), lookup, exact.outputs[0], exact, readers)
+    return work, {layer: value.name for layer, value in switches.items()}
+
+
+def _added_pair(value: ir.Value, before: set) -> ir.Node | None:
+    """The DequantizeLinear of the pair the pass put after `value` (not one already there)."""
+    return next((dq for q in value.consumers() if q not in before
+                 and q.op_type == "QuantizeLinear" for dq in q.outputs[0].consumers()
+                 if dq.op_type == "DequantizeLinear"), None)
+
+
+def _sites_off(sites: list[_Site], layers: Sequence[str], replan, has_range) -> dict[str, set]:
+    """Per layer of `layers` that is a site: the sites that are gone when it is excluded
+    (itself, and later ones that needed a tensor only it planned). A layer whose exclusion
+    changes more than which sites there are is left out."""
+    names = [s.node.name for s in sites]
+    off = {}
+    for site in sites:
+        layer = site.node.name
+        if layer not in layers:
+            continue
+        if all(has_range(v) for v in (*site.inputs, site.output) if v is not None):
+            off[layer] = {layer}  # a tensor with a range never needs a planner's help
+            continue
+        replanned = replan(layer)
+        kept = {s.node.name for s in replanned}
+        if [(s.node, s.inputs, s.output) for s in replanned] == [
+                (s.node, s.inputs, s.output) for s in sites if s.node.name in kept]:
+            off[layer] = {name for name in names if name not in kept}
+    return off
 
 
 def quantizable_tensors(model: ir.Model, target: str = "ort-cpu") -> list[str]:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io
@@ -22,7 +23,7 @@ from onnxopt.errors import BadInputError
 from onnxopt.measure import bench, runtime, verify
 
 __all__ = ["Budget", "Outcome", "Trial", "bisect_down", "fall_back", "latency_ratio",
-           "longest_prefix", "parse_budget", "slower"]
+           "longest_prefix", "parse_budget", "slower", "switched_scores"]
 
 _TIMING_SECONDS = 1.5  # rewrite vs original, interleaved: enough to see 5% on 2 cores
 _MAX_FALLBACK = 0.5  # past half the layers left exact, the rewrite has nothing left to offer
@@ -107,7 +108,7 @@ def fall_back(trial: Trial, full: Outcome, names: list[str], notes: list[str], *
     variant already does better): `full` comes back, not holding."""
     if most is not None and most < 1:
         return full
-    gains = {n: trial.run((n,), batches=1).score - full.score for n in names}
+    gains = _gains_alone(trial, full, names)
     order = sorted(names, key=lambda n: -gains[n])
     limit = max(1, int(len(order) * _MAX_FALLBACK))
     limit = limit if most is None else min(limit, most)
@@ -139,6 +140,34 @@ def fall_back(trial: Trial, full: Outcome, names: list[str], notes: list[str], *
     notes.append(f"kept {exact} to hold the accuracy budget ({full.why} when all were "
                  f"{lossy}): {shown}")
     return outcome
+
+
+def _gains_alone(trial: Trial, full: Outcome, names: list[str]) -> dict[str, float]:
+    """Per layer, the SQNR won back with it alone exact (one held-out batch): from the trial's
+    one-session shortcut (`scores_alone`) where it has one, else a trial per layer."""
+    alone = trial.scores_alone(names) if hasattr(trial, "scores_alone") else {}
+    return {n: (alone[n] if n in alone else trial.run((n,), batches=1).score) - full.score
+            for n in names}
+
+
+def switched_scores(model: ir.Model, switches: dict[str, str], feeds, reference) -> dict:
+    """A trial's `scores_alone` from one model in which each layer's rewrite sits behind a
+    boolean input (`switches`: layer -> input name; True: rewritten): per layer, the score
+    (Outcome.score) with its switch alone False, on one batch, in one session made as
+    verification makes its own, so each score is the trial's bit for bit. {} when ORT cannot
+    run the model: the caller then runs a trial per layer."""
+    scores: dict[str, float] = {}
+    tolerance = verify.Tolerance(elementwise=False)
+    try:
+        with runtime.model_session(model, optimize=False, prepack=False, tf32=False) as session:
+            for layer in switches:
+                flags = {name: np.array(other != layer) for other, name in switches.items()}
+                outputs = runtime.run(session, {**feeds, **flags})
+                errors = verify.compare([reference], [outputs], tolerance)
+                scores[layer] = min((e.sqnr_db for e in errors), default=-math.inf)
+    except runtime.RuntimeFailure:
+        return {}
+    return scores
 
 
 def longest_prefix(trial: Trial, full: Outcome, names: list[str], notes, *,

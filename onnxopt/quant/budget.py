@@ -16,10 +16,11 @@ from onnxopt.measure.budget import (
     longest_prefix,
     parse_budget,
     slower,
+    switched_scores,
 )
 
 __all__ = ["ONE_SESSION_BYTES", "Budget", "Outcome", "fall_back", "latency_ratio", "longest_prefix", "parse_budget",
-           "quantized_layers", "slower"]
+           "quantized_layers", "slower", "switched_scores"]
 
 _QUANTIZED = re.compile(r"^quantized '(.+?)' \(")
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.calib import activations
 from onnxopt.errors import BadInputError
 from onnxopt.measure import verify
@@ -35,6 +36,7 @@ from onnxopt.passes import (
 )
 from onnxopt.quant import bias_correction
 from onnxopt.quant.budget import (
+    ONE_SESSION_BYTES,
     Budget,
     Outcome,
     fall_back,
@@ -42,6 +44,7 @@ from onnxopt.quant.budget import (
     parse_budget,
     quantized_layers,
     slower,
+    switched_scores,
 )
 from onnxopt.quant.dynamic import quantize_dynamic, quantize_unjudged
 from onnxopt.quant.options import (
@@ -320,19 +323,31 @@ class _Trial:
     dtypes: dict | None = None  # of `base`'s values, inferred on the first run
     kept: tuple[str, ...] = ()  # --keep-float: float in every trial
 
-    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> Outcome:
+    def options(self, exclude: tuple[str, ...]) -> quantize_int8.QuantizeInt8Options:
         if self.dtypes is None:
             self.dtypes = _qdq.infer_dtypes(self.base)
-        options = quantize_int8.QuantizeInt8Options(
+        return quantize_int8.QuantizeInt8Options(
             ranges=self.ranges, exclude=self.kept + exclude, reduce_range=self.reduce_range,
             clip_weights=self.clip_weights, target=self.target, dtypes=self.dtypes)
-        report = quantize_int8.QuantizeInt8Pass(options)(self.base.clone())
+
+    def run(self, exclude: tuple[str, ...], *, batches: int | None = None) -> Outcome:
+        report = quantize_int8.QuantizeInt8Pass(self.options(exclude))(self.base.clone())
         if self.target == "ort-cpu" and len(list(report.model.graphs())) > 1:
             _subgraphs_dynamic(report, self.reduce_range, self.clip_weights,
                                self.kept + exclude)
         feeds, reference = self.feeds[:batches], self.reference[:batches]
         checked, holds, why = self.budget.judge(report.model, reference, feeds)
         return Outcome(report.model, report, checked, holds, why, exclude)
+
+    def scores_alone(self, layers: list[str]) -> dict[str, float]:
+        """run((layer,), batches=1).score for each layer, from one model with a switch per
+        layer (quantize_int8.with_switches) in one session, bit for bit, without a rewrite
+        and a session per layer. The switched model holds float and int8 weights both, so
+        a model past ONE_SESSION_BYTES gets none; nor do layers without a switch."""
+        if io.weight_bytes(self.base) > ONE_SESSION_BYTES:
+            return {}
+        model, switches = quantize_int8.with_switches(self.base, self.options(()), layers)
+        return switched_scores(model, switches, self.feeds[0], self.reference[0])
 
 
 def _subgraphs_dynamic(report, reduce_range: bool, clip_weights: str, exclude) -> None:

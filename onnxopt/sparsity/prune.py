@@ -16,17 +16,20 @@ met. When nothing holds, the dense model stays and the report says why.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 from onnxopt.measure import budget, verify
 from onnxopt.passes import PruneWeightsOptions, PruneWeightsPass, _sparsity
+from onnxopt.passes._graph import NameSource
 from onnxopt.sparsity import channels, refit, summary
 from onnxopt.sparsity.options import CHANNELS, Candidate, SparsityOptions, SparsityResult
 
@@ -158,6 +161,45 @@ class _Trial:
         checked, holds, why = self.budget.judge(model, self.reference[:batches],
                                                 self.feeds[:batches])
         return budget.Outcome(model, None, checked, holds, why, exclude)
+
+    def scores_alone(self, layers: list[str]) -> dict[str, float]:
+        """run((layer,), batches=1).score for each layer, bit for bit, from one model in which
+        each layer's pruned weight sits behind a switch (_with_switches), in one session."""
+        if 2 * io.weight_bytes(self.candidate.model) > budget.ONE_SESSION_BYTES:
+            return {}  # the switched model holds the dense weights too
+        model, switches = _with_switches(self.candidate.model, self.dense, layers)
+        return budget.switched_scores(model, switches, self.feeds[0], self.reference[0])
+
+
+def _with_switches(pruned: ir.Model, dense: ir.Model,
+                   names: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+    """A copy of `pruned` with a boolean input per layer of `names` (layer -> its name): fed
+    False, the layer reads its dense weight (as `_with_dense_layers` gives it). A weight that
+    several of these layers share gets no switch (giving one of them its dense weight gives
+    it to all)."""
+    copy = pruned.clone()
+    graph, source = copy.graph, NameSource(copy.graph)
+    dense_weights = {n.name: n.inputs[1].const_value for n in dense.graph if n.name in names}
+    layers = [n for n in copy.graph if n.name in dense_weights]
+    sharing = collections.Counter(n.inputs[1] for n in layers)
+    switches = {}
+    for node in layers:
+        weight = node.inputs[1]
+        if sharing[weight] > 1:
+            continue
+        switch = ir.Value(name=source(f"{node.name}_pruned_on"), shape=ir.Shape([]),
+                          type=ir.TensorType(ir.DataType.BOOL))
+        graph.inputs.append(switch)
+        dense_value = ir.Value(name=source(f"{weight.name}_dense"),
+                               const_value=dense_weights[node.name])
+        graph.register_initializer(dense_value)
+        where = ir.node("Where", [switch, weight, dense_value], name=source(f"{node.name}_switch"))
+        uses = [u for u in weight.uses() if u.node is not where]
+        graph.insert_before(node, where)
+        for use in uses:
+            use.node.replace_input_with(use.idx, where.outputs[0])
+        switches[node.name] = switch.name
+    return copy, switches
 
 
 def _with_dense_layers(pruned: ir.Model, dense: ir.Model, names: Sequence[str]) -> ir.Model:
