@@ -20,7 +20,7 @@ from onnx_ir.passes import common
 from onnxopt import inputs, io, pipeline, stages
 from onnxopt.calib import sources
 from onnxopt.errors import BadInputError, CannotGenerateError
-from onnxopt.measure import bench, runtime, stats
+from onnxopt.measure import bench, budget, runtime, stats
 from onnxopt.measure import validation as validate_mod
 from onnxopt.measure import validity as validity_mod
 from onnxopt.measure import verify as verify_mod
@@ -236,15 +236,13 @@ def _compare_latency(original: ir.Model, model: ir.Model, feeds: inputs.Feeds,
     """Original vs optimized on every provider asked for, interleaved (IO binding on GPUs)."""
     rows = []
     for ep in options.bench:
-        try:
-            with runtime.model_session(original, ep=ep) as a, runtime.model_session(model, ep=ep) as b:
-                runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
-                before, after = bench.measure_runners(runners, ep=ep, seconds=options.bench_seconds)
+        try:  # a big model's two sessions one at a time (budget.timed_pair)
+            before, after, (ran, note) = budget.timed_pair(original, model, feeds, ep=ep,
+                                                           seconds=options.bench_seconds)
         except (runtime.RuntimeFailure, BadInputError) as error:  # not installed, or cannot load
             notes.append(f"timing on {ep} skipped: {error}")
             continue
         ratio, low, high = bench.ratio_ci(before.times_ms, after.times_ms)
-        ran, note = runtime.ran_on(a, ep)
         if note:  # TensorRT without its libraries: the row says what really ran
             notes.append(note)
         rows.append(LatencyComparison(ran, before, after, ratio, low, high))

@@ -15,6 +15,7 @@ from the float32 scale that is stored, so the graph dequantizes exactly what was
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -25,7 +26,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt.passes._graph import NameSource, constant, new_initializer
+from onnxopt.passes._graph import (
+    NameSource,
+    constant,
+    float32_blocks,
+    new_initializer,
+    new_lazy_initializer,
+)
 
 from onnxopt.measure import runtime
 
@@ -168,13 +175,48 @@ def quantize_bias(b: np.ndarray, input_scale: np.float32,
     return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32), scale
 
 
-def add_dequantized(graph: ir.Graph, names: NameSource, base: str, q: np.ndarray,
+def int8_weight(graph: ir.Graph, names: NameSource, base: str, source: ir.TensorProtocol,
+                w: np.ndarray, scale: np.ndarray, axis: int | None,
+                reduce_range: bool) -> tuple[ir.Value, np.ndarray]:
+    """(the int8 initializer of float weight `w`, its float32 scale). A weight read from a file
+    is rounded when the data is asked for (a save, a spill, a session) a block of rows at a
+    time and then dropped, so a big model's int8 weights are never all in memory, nor its
+    float ones; one in memory is rounded now."""
+    if isinstance(source, ir.ExternalTensor) and axis in (None, 0, w.ndim - 1):
+        compute = functools.partial(_int8_from_file, source, scale, axis, reduce_range)
+        return (new_lazy_initializer(graph, names, base, ir.DataType.INT8, w.shape, compute),
+                scale.astype(np.float32))
+    q, scale32 = quantize_weight(w, scale, axis, reduce_range)
+    return new_initializer(graph, names, base, q), scale32
+
+
+def _int8_from_file(source: ir.ExternalTensor, scale: np.ndarray, axis: int | None,
+                    reduce_range: bool) -> np.ndarray:
+    """quantize_weight of a float32 external tensor, read from its file a block of rows at a
+    time (no page of it stays resident); per-channel scales along the first or last axis."""
+    shape = tuple(source.shape)
+    q = np.empty(shape, dtype=np.int8)
+    if not q.size:
+        return q
+    rows = block_rows(shape)
+    start = 0
+    for flat in float32_blocks(source, rows * (q.size // shape[0])):
+        block = flat.reshape(-1, *shape[1:])
+        channels = scale[start:start + len(block)] if axis == 0 else scale
+        q[start:start + len(block)], _ = quantize_weight(block, channels, axis, reduce_range)
+        start += len(block)
+    return q
+
+
+def add_dequantized(graph: ir.Graph, names: NameSource, base: str, q: np.ndarray | ir.Value,
                     scale: np.ndarray, axis: int | None) -> ir.Node:
-    """An initializer `q` (int8/int32) and the DequantizeLinear that reads it (not inserted).
-    `axis` is set only for a per-channel (1-D) scale; zero points are 0 of q's dtype."""
-    zero_point = np.zeros(scale.shape, dtype=q.dtype)
-    inputs = [new_initializer(graph, names, f"{base}_quantized", q),
-              new_initializer(graph, names, f"{base}_scale", scale),
+    """A DequantizeLinear (not inserted) reading `q`: an int8/int32 array, made an
+    initializer, or one already made. `axis` is set only for a per-channel (1-D) scale; zero
+    points are 0 of q's dtype."""
+    if isinstance(q, np.ndarray):
+        q = new_initializer(graph, names, f"{base}_quantized", q)
+    zero_point = np.zeros(scale.shape, dtype=q.dtype.numpy())
+    inputs = [q, new_initializer(graph, names, f"{base}_scale", scale),
               new_initializer(graph, names, f"{base}_zero_point", zero_point)]
     attributes = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
     dq = ir.node("DequantizeLinear", inputs, attributes, name=names(f"{base}_DequantizeLinear"))
@@ -263,10 +305,13 @@ def quantize_weights(graph: ir.Graph, names: NameSource, node: ir.Node, input_sc
                            (np.float64(input_scale) * BIAS_LIMIT))
     key = (node.inputs[1], axis, scale.tobytes())
     if key not in cache:  # a weight shared by several ops is stored once
-        q, scale32 = quantize_weight(w, scale, axis, reduce_range)
-        dq = add_dequantized(graph, names, node.inputs[1].name or "weight", q, scale32, axis)
+        base = node.inputs[1].name or "weight"
+        q, scale32 = int8_weight(graph, names, f"{base}_quantized", node.inputs[1].const_value,
+                                 w, scale, axis, reduce_range)
+        dq = add_dequantized(graph, names, base, q, scale32, axis)
         graph.insert_before(node, dq)
         cache[key] = (dq.outputs[0], scale32)
+    del w  # its view of the float weight, so that the mapping can go (io.release_tensor)
     dq_value, scale32 = cache[key]
     node.replace_input_with(1, dq_value)
     kind = f"per-channel int8 (axis {axis})" if axis is not None else "per-tensor int8"

@@ -31,17 +31,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxopt import io
 from onnxopt.passes import _gather, _qdq
 from onnxopt.passes._graph import (
     NameSource,
     constant,
     describe,
-    float32_blocks,
     new_initializer,
     new_lazy_initializer,
 )
 from onnxopt.passes._report import PassReport
+
+from onnxopt import io
 
 __all__ = ["QuantizeDynamicOptions", "QuantizeDynamicPass"]
 
@@ -148,19 +148,17 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
 
     def _quantized(self, graph: ir.Graph, names: NameSource, base: str, site: _Site, scale,
                    axis) -> tuple[ir.Value, np.ndarray]:
-        """(the int8 weight's initializer, its float32 scale). A weight read from a file is
-        rounded when the data is asked for (a save, a spill) and then dropped, so a big model's
-        int8 weights are never all in memory; one in memory is rounded now."""
-        source = site.node.inputs[1].const_value
-        if isinstance(source, ir.ExternalTensor):
-            node = site.node
-            transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
-            compute = functools.partial(_quantized_from_file, source, transposed, scale, axis,
+        """(the int8 weight's initializer, its float32 scale): lazily from the file for a
+        weight read from one (_qdq.int8_weight), rounded now for one in memory."""
+        source, node = site.node.inputs[1].const_value, site.node
+        if isinstance(source, ir.ExternalTensor) and node.op_type == "Gemm" and \
+                node.attributes.get_int("transB", 0):  # stored [N, K]: rounded as [K, N]
+            compute = functools.partial(_transposed_int8_from_file, source, scale, axis,
                                         self.options.reduce_range)
             return (new_lazy_initializer(graph, names, base, ir.DataType.INT8, site.weight.shape,
                                          compute), scale.astype(np.float32))
-        q, scale32 = _qdq.quantize_weight(site.weight, scale, axis, self.options.reduce_range)
-        return new_initializer(graph, names, base, q), scale32
+        return _qdq.int8_weight(graph, names, base, source, site.weight, scale, axis,
+                                self.options.reduce_range)
 
     def _rewrite(self, graph: ir.Graph, names: NameSource, site: _Site, cache: dict) -> str:
         node, b_value = site.node, site.node.inputs[1]
@@ -190,22 +188,10 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         return f"weight {kind}" + (", bias kept float" if site.bias is not None else "")
 
 
-def _quantized_from_file(source: ir.ExternalTensor, transposed: bool, scale, axis,
-                         reduce_range: bool) -> np.ndarray:
-    """The int8 of a float [K, N] weight read from its file: a block of rows at a time (no
-    page of it stays resident), or, stored transposed (Gemm's transB), through its mapping,
+def _transposed_int8_from_file(source: ir.ExternalTensor, scale, axis,
+                               reduce_range: bool) -> np.ndarray:
+    """The int8 [K, N] of a float weight stored [N, K] (Gemm's transB), through its mapping,
     released once rounded."""
-    if not transposed:
-        columns = source.shape[1]
-        rows = _qdq.block_rows(source.shape)
-        q = np.empty(tuple(source.shape), dtype=np.int8)
-        start = 0
-        for flat in float32_blocks(source, rows * columns):
-            block = flat.reshape(-1, columns)
-            q[start:start + len(block)], _ = _qdq.quantize_weight(block, scale, axis,
-                                                                 reduce_range)
-            start += len(block)
-        return q
     weight = source.numpy()
     q, _ = _qdq.quantize_weight(weight.T, scale, axis, reduce_range)
     del weight  # its view of the mapping, so that the mapping can go

@@ -47,6 +47,8 @@ from onnxopt.passes._graph import NameSource, constant, describe, new_initialize
 from onnxopt.passes._qdq import cpu_needs_reduce_range, optimized_kernel_counts, ort_kernel_counts
 from onnxopt.passes._report import PassReport
 
+from onnxopt import io
+
 __all__ = [
     "CONV_TRANSPOSE_FLOAT",
     "QuantizeInt8Options",
@@ -146,8 +148,10 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             detail = ""
             if site.node.op_type in _LINEAR and constant(site.node.inputs[1]) is not None:
                 input_scale = params[site.node.inputs[0]][0]
+                weight = site.node.inputs[1].const_value
                 detail = _qdq.quantize_weights(graph, names, site.node, input_scale, weights,
                                                weight_options) + ", "
+                io.release_tensor(weight)  # one float weight resident at a time
             what = ("input/output" if site.output is not None else
                     "inputs" if tensorrt else "input (output stays float)")
             report.change("quantized",

@@ -175,3 +175,67 @@ def test_int8_with_no_verify_is_applied_unjudged(tmp_path):
     assert op_count(ir.serde.serialize_model(model), "DynamicQuantizeMatMul") == 2
     assert report.int8["quantized"]
     assert any("unjudged" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+def test_static_int8_of_external_weights_is_made_when_written(tmp_path, op):
+    """Static int8 rounds a weight read from a file only when its data is asked for, a block of
+    rows at a time with each block's own channel scales: the same int8 as in memory (weights
+    of several blocks, per-channel along the first axis (Conv) or the last (MatMul, Gemm))."""
+    from onnxopt.passes import QuantizeInt8Options, QuantizeInt8Pass
+
+    rng = np.random.default_rng(6)  # fixed seed: the weight
+    if op == "Conv":
+        weight = rng.standard_normal((64, 64, 9, 9)) * rng.uniform(0.01, 1, (64, 1, 1, 1))
+        node = helper.make_node("Conv", ["x", "w"], ["y"], name="layer", pads=[4] * 4)
+        shapes = [1, 64, 9, 9], [1, 64, 9, 9]
+    else:
+        weight = rng.standard_normal((600, 500)) * rng.uniform(0.01, 1, (1, 500))
+        node = helper.make_node(op, ["x", "w"], ["y"], name="layer")
+        shapes = [2, 600], [2, 500]
+    proto = make_model([node, helper.make_node("Relu", ["y"], ["r"])],
+                       [value_info("x", shapes[0])], [value_info("r", shapes[1])],
+                       [tensor("w", weight)])
+    in_memory_proto = onnx.ModelProto()
+    in_memory_proto.CopyFrom(proto)
+    path = saved_external(proto, tmp_path)
+    options = QuantizeInt8Options(ranges={"x": (-3.0, 3.0), "y": (-5.0, 5.0), "r": (0.0, 5.0)})
+    external, in_memory = io.load(path), ir.serde.deserialize_model(in_memory_proto)
+    for model in (external, in_memory):
+        assert QuantizeInt8Pass(options)(model).counts["quantized"] == 1
+    [made], [expected] = ([v for v in model.graph.initializers.values()
+                           if v.dtype == ir.DataType.INT8 and v.const_value.size == weight.size]
+                          for model in (external, in_memory))
+    assert isinstance(made.const_value, ir.LazyTensor)
+    assert io.weight_bytes(in_memory) < weight.size * 4 / 3  # the float weight is gone
+    np.testing.assert_array_equal(made.const_value.numpy(), expected.const_value.numpy())
+
+
+@pytest.mark.parametrize("flags", [{}, {"int8": Int8Options(calib="random", check_speed=False)}])
+def test_a_big_models_sessions_are_never_two_at_once(monkeypatch, flags):
+    """Past ONE_SESSION_BYTES (here 0: every model is big) no step holds two sessions: the
+    report's timing, int8's speed check and per-layer SQNR run one model after the other."""
+    model = ir.serde.deserialize_model(matmul_chain(np.random.default_rng(0)))
+    open_now, most = [0], [0]
+    real = runtime.model_session
+
+    @contextlib.contextmanager
+    def counted(m, **kwargs):
+        with real(m, **kwargs) as session:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            try:
+                yield session
+            finally:
+                open_now[0] -= 1
+
+    monkeypatch.setattr(budget, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(onnxopt.quant.int8, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(runtime, "model_session", counted)
+    _, report = api.optimize(model, options=api.OptimizeOptions(bench=("cpu",), bench_seconds=0.3,
+                                                                **flags))
+    [row] = report.latency
+    assert row.original.runs >= 5 and row.optimized.runs >= 5
+    assert most[0] == 1
+    if flags:  # quantized, so its per-layer SQNR table was measured too
+        assert report.int8["quantized"] and report.int8["layer_sqnr_db"]

@@ -23,7 +23,7 @@ from onnxopt.errors import BadInputError
 from onnxopt.measure import bench, runtime, verify
 
 __all__ = ["Budget", "Outcome", "Trial", "bisect_down", "fall_back", "latency_ratio",
-           "longest_prefix", "parse_budget", "slower", "switched_scores"]
+           "longest_prefix", "parse_budget", "slower", "switched_scores", "timed_pair"]
 
 _TIMING_SECONDS = 1.5  # rewrite vs original, interleaved: enough to see 5% on 2 cores
 _MAX_FALLBACK = 0.5  # past half the layers left exact, the rewrite has nothing left to offer
@@ -213,18 +213,26 @@ _CLEARLY_FASTER = 0.9  # a second model timed in turn stops once its CI is wholl
 
 def latency_ratio(first: ir.Model, second: ir.Model, feeds, *, seconds: float = _TIMING_SECONDS,
                   ep: str = "cpu", second_graph: str | None = None) -> tuple[float, float, float]:
-    """p50 latency of `second` / `first` on `ep` with its 95% CI: interleaved, or, for a
-    model whose weights pass ONE_SESSION_BYTES, one session at a time (memory stays near one
-    model; the two samples then see the machine at different moments), the second timed only
-    until it is clearly faster. `second_graph`: where the second's session saves
-    the graph ORT runs (runtime.make_session's save_optimized)."""
+    """p50 latency of `second` / `first` on `ep` with its 95% CI (see timed_pair)."""
+    before, after, _ = timed_pair(first, second, feeds, seconds=seconds, ep=ep,
+                                  second_graph=second_graph)
+    return bench.ratio_ci(before.times_ms, after.times_ms)
+
+
+def timed_pair(first: ir.Model, second: ir.Model, feeds, *, seconds: float = _TIMING_SECONDS,
+               ep: str = "cpu", second_graph: str | None = None) -> tuple:
+    """(first's Latency, second's Latency, runtime.ran_on of the first's session) on `ep`:
+    interleaved, or, for a model whose weights pass ONE_SESSION_BYTES, one session at a time
+    (memory stays near one model; the two samples then see the machine at different
+    moments), the second timed only until it is clearly faster. `second_graph`: where the
+    second's session saves the graph ORT runs (runtime.make_session's save_optimized)."""
     if io.weight_bytes(first) + io.weight_bytes(second) <= ONE_SESSION_BYTES:
         with runtime.model_session(first, ep=ep) as a, runtime.model_session(
                 second, ep=ep, save_optimized=second_graph) as b:
             runners = [runtime.runner(a, feeds, ep), runtime.runner(b, feeds, ep)]
             before, after = bench.measure_runners(runners, ep=ep, seconds=seconds)
-        return bench.ratio_ci(before.times_ms, after.times_ms)
-    timed: list[list[float]] = []
+            return before, after, runtime.ran_on(a, ep)
+    timed: list = []
     seconds = min(seconds, _SEQUENTIAL_SECONDS)  # each ~100 ms run of a big model says more
 
     def settled(times: list[list[float]]) -> bool:
@@ -233,8 +241,9 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *, seconds: float = 
         line by chance, and "slower" must rest on the full time."""
         if not timed or len(times[0]) % 5:
             return False
-        return bench.ratio_ci(timed[0], times[0], samples=200)[2] < _CLEARLY_FASTER
+        return bench.ratio_ci(timed[0].times_ms, times[0], samples=200)[2] < _CLEARLY_FASTER
 
+    ran = None
     for model, graph in ((first, None), (second, second_graph)):
         with runtime.model_session(model, ep=ep, save_optimized=graph) as session:
             # 3 warm-up runs: the weights were packed when the session was made, and "auto"
@@ -243,9 +252,10 @@ def latency_ratio(first: ir.Model, second: ir.Model, feeds, *, seconds: float = 
             [latency] = bench.measure_runners([runtime.runner(session, feeds, ep)], ep=ep,
                                               seconds=seconds, warmup=3, min_runs=5,
                                               settled=settled)
+            ran = ran or runtime.ran_on(session, ep)
             del session  # else it outlives the block and meets the next session in memory
-        timed.append(latency.times_ms)
-    return bench.ratio_ci(*timed)
+        timed.append(latency)
+    return timed[0], timed[1], ran
 
 
 def slower(before: ir.Model, after: ir.Model, feeds, what: str = "float", ep: str = "cpu", *,
