@@ -3,6 +3,7 @@
     python benchmarks/_run_tool.py RESULT.json onnxsim|onnxslim|onnxoptimizer IN.onnx OUT.onnx
     python benchmarks/_run_tool.py RESULT.json onnxconverter-fp16 IN.onnx OUT.onnx
     python benchmarks/_run_tool.py RESULT.json ort-quantize-dynamic IN.onnx OUT.onnx
+    python benchmarks/_run_tool.py RESULT.json ort-quantize-static IN.onnx OUT.onnx CALIB.npz
     python benchmarks/_run_tool.py RESULT.json onnxopt optimize IN.onnx -o OUT.onnx ...
 
 `onnxopt` runs the real CLI entry point (`onnxopt.cli.main`, what the console script calls) with
@@ -58,6 +59,27 @@ TOOLS = {"onnxsim": _onnxsim, "onnxslim": _onnxslim, "onnxoptimizer": _onnxoptim
          "onnxconverter-fp16": _onnxconverter_fp16}
 
 
+def _ort_quantize_static(src: str, dst: str, calib: str) -> None:
+    """ONNX Runtime's quantize_static as its docs show it, QDQ with per-channel weights (as
+    onnxopt's), fed the samples of CALIB.npz (one array per input, samples on the first axis)
+    one at a time; by path, reading and writing external data itself."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            with np.load(calib) as data:
+                arrays = {name: data[name] for name in data.files}
+            count = len(next(iter(arrays.values())))
+            self.samples = iter([{n: a[i] for n, a in arrays.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    use_external_data_format=True)
+
+
 def _peak_rss_mb() -> float | None:
     try:
         with open("/proc/self/status") as handle:
@@ -101,6 +123,8 @@ def main(result_path: str, tool: str, *args: str) -> None:
 
             src, dst = args
             quantize_dynamic(src, dst, use_external_data_format=True)
+        elif tool == "ort-quantize-static":
+            _ort_quantize_static(*args)
         else:
             src, dst = args
             model, detail = TOOLS[tool](onnx.load(src))

@@ -8,8 +8,9 @@ Builds an MLP with external data (`--blocks` blocks of MatMul+Add+Relu+MatMul+Ad
 then runs each tool in its own process (benchmarks/_run_tool.py: wall time, and peak RSS as the
 process's VmHWM) one after another: onnxopt's exact pipeline, --int8 (calibration-free,
 dynamic: its accuracy budget and speed check) and --fp16 (judged by emulation without a GPU),
-each with --no-verify and verified; onnx-simplifier, ONNX Runtime's quantize_dynamic and
-onnxconverter-common's float16 conversion (keep_io_types). Ratios are against the model's
+each with --no-verify and verified, and static --int8 --calib (verified); onnx-simplifier, ONNX
+Runtime's quantize_dynamic and quantize_static (the same calibration file: random samples,
+numpy seed 1, announced) and onnxconverter-common's float16 conversion (keep_io_types). Ratios are against the model's
 weight bytes. Issue 16's targets: peak RSS <= 0.5x the model with --no-verify and <= 1.2x with
 verification, >= 3x faster than onnx-simplifier. The disk is synced before each run. Results:
 benchmarks/results/scale-DATE.json.
@@ -42,7 +43,11 @@ RUNS = {
                                    "none", "-q", "--fp16", "--no-verify"],
     "onnxopt --fp16 (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}", "--bench",
                                   "none", "-q", "--fp16"],
+    "onnxopt --int8 --calib (verified)": ["onnxopt", "optimize", "{src}", "-o", "{dst}",
+                                                  "--bench", "none", "-q", "--int8",
+                                                  "--calib", "{calib}"],
     "onnx-simplifier": ["onnxsim", "{src}", "{dst}"],
+    "ORT quantize_static": ["ort-quantize-static", "{src}", "{dst}", "{calib}"],
     "ORT quantize_dynamic": ["ort-quantize-dynamic", "{src}", "{dst}"],
     "onnxconverter-common fp16": ["onnxconverter-fp16", "{src}", "{dst}"],
 }
@@ -90,6 +95,17 @@ def build(path: Path, blocks: int, hidden: int, ffn: int) -> int:
     return offset
 
 
+CALIBRATION_SAMPLES = 16
+
+
+def write_calibration(path: Path, hidden: int) -> None:
+    """Static int8's calibration samples, the same file for onnxopt and ONNX Runtime: random
+    normal inputs (numpy seed 1, announced), x [CALIBRATION_SAMPLES, 1, 16, hidden]."""
+    print(f"calibration: {CALIBRATION_SAMPLES} RANDOM samples (numpy seed 1)", flush=True)
+    rng = np.random.default_rng(1)
+    np.savez(path, x=rng.standard_normal((CALIBRATION_SAMPLES, 1, 16, hidden), dtype=np.float32))
+
+
 def run(argv: list[str], src: Path, work: Path) -> dict:
     """One tool in its own process (lossless.run_child): its seconds, peak RSS, output size."""
     from lossless import run_child  # beside this script
@@ -100,8 +116,8 @@ def run(argv: list[str], src: Path, work: Path) -> dict:
     # The last tool's GBs of output are written back to disk before the next one starts, so no
     # tool is timed against another's writeback.
     os.sync()
-    row = run_child([a.format(src=src, dst=out / "model.onnx") for a in argv], work, "tool",
-                    timeout=3600)
+    row = run_child([a.format(src=src, dst=out / "model.onnx", calib=work / "calib.npz")
+                     for a in argv], work, "tool", timeout=3600)
     return {"seconds": row["tool_s"], "peak_rss_mb": row["peak_mb"],
             "exit_code": row["exit_code"], "error": row["error"],
             "output_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1)}
@@ -123,6 +139,7 @@ def main(argv=None) -> int:
     print(f"building {src} (random weights, numpy seed 0) ...", flush=True)
     weight_bytes = build(src, args.blocks, args.hidden, args.ffn)
     model_mb = weight_bytes / 1e6
+    write_calibration(work / "calib.npz", args.hidden)
     print(f"model: {model_mb:.0f} MB of weights", flush=True)
     results = {}
     for name in chosen:
