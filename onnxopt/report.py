@@ -155,7 +155,7 @@ def render(report: Report, console: Console, *, all_ops: bool = False) -> None:
         console.print(_sparsity_layers(report.sparsity["layers"]))
     for run in report.passes:
         console.print(_pass_line(run))
-    for note in report.notes:
+    for note in dict.fromkeys(report.notes):  # the same guess made twice is said once
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if report.verification is None or report.verification.status == "skipped":
         reason = report.verification.reason if report.verification else "--no-verify"

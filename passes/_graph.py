@@ -13,7 +13,7 @@ from onnxopt.errors import BadInputError
 
 __all__ = ["constant", "constant_tensor", "float32_blocks", "describe", "all_graphs", "NameSource", "matching_node_names",
            "opset_version", "annotate_ranks", "rank_of", "new_initializer", "new_lazy_initializer",
-           "tensor_chunks"]
+           "tensor_chunks", "is_dequantized"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -34,6 +34,13 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return ir.convenience.get_const_tensor(value)
     except ValueError:  # a malformed Constant node (no value attribute, or two): not a constant
         return None
+
+
+def is_dequantized(value: ir.Value | None) -> bool:
+    """`value` is a DequantizeLinear's output (a quantized model's weight or activation)."""
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear" \
+        and producer.domain in ("", "ai.onnx", "com.microsoft")
 
 
 CHUNK_BYTES = 1 << 26

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes._graph import constant, describe
+from onnxopt.passes._graph import constant, describe, is_dequantized
 
 from onnxopt.errors import BadInputError
 
@@ -106,6 +106,9 @@ def _layer(node: ir.Node) -> Layer | str | None:
         return None
     weight = node.inputs[1]
     array = constant(weight)
+    if array is None and is_dequantized(weight):
+        return (f"weight {weight.name!r} is already int8 (read through DequantizeLinear): "
+                "prune the float model, then quantize")
     if array is None:
         return None if node.op_type == "MatMul" else "its weight is not a constant"
     if not np.issubdtype(array.dtype, np.floating):

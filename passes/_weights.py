@@ -10,7 +10,9 @@ names is evaluated (onnx's reference evaluator, node by node) and replaced by on
 Bound: every tensor of that subgraph may be at most as large as the weight it computes (the
 declared size while evaluating, else MAX_ELEMENTS, then the computed weight's own size); a
 larger intermediate (a Tile that is then sliced) leaves the weight computed. A subgraph that reads a graph input,
-a non-deterministic op (Random*), a custom domain or a node with subgraphs is left alone.
+a non-deterministic op (Random*), a custom domain or a node with subgraphs is left alone, and so
+is a DequantizeLinear: a weight stored int8 on purpose (a quantized model) stays int8, where
+folding would store it as float, 4x the bytes, and stop ONNX Runtime's integer fusions.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def _constant_cone(weight: ir.Value) -> list[ir.Node] | None:
         if node in seen:
             return True
         if (node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC
+                or node.op_type == "DequantizeLinear"  # int8 on purpose: folded, 4x the bytes
                 or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                        for a in node.attributes.values())):
             return False

@@ -465,3 +465,47 @@ def test_a_missing_output_folder_is_refused_before_any_work(tmp_path, capsys, mo
     code, _, err = invoke_cli(["optimize", api.default_model_path(), "-o", out, "-q"],
                               capsys, monkeypatch)
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A model that is already int8
+
+
+def int8_qdq_model(tmp_path) -> Path:
+    """A Conv -> Relu -> Gemm net whose every layer is already static int8 (QDQ)."""
+    import onnx_ir as ir
+    from test_quantize_int8 import calibrate, small_cnn
+
+    from onnxopt.passes import QuantizeInt8Options, QuantizeInt8Pass
+
+    model, batches = small_cnn(0)
+    report = QuantizeInt8Pass(QuantizeInt8Options(ranges=calibrate(model, batches)))(model)
+    assert report.counts["quantized"] == 6
+    return save(ir.to_proto(model), tmp_path / "int8.onnx")
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--int8",), ("int8.onnx", "nothing to quantize", "3 Conv/Gemm/MatMul layers",
+                    "already int8")),
+    (("--int8", "--calib", "random"), ("int8.onnx", "nothing to quantize", "already int8")),
+    (("--sparsity", "0.5"), ("nothing to prune", "'conv1'", "already int8",
+                             "prune the float model")),
+])
+def test_int8_or_sparsity_on_an_int8_model_says_it_is_int8_already(tmp_path, capsys,
+                                                                  monkeypatch, extra, needles):
+    """Its weights stay int8: folding their DequantizeLinear to pick them up as float weights
+    would store them as float32 (4x the bytes) and stop ORT's integer kernels."""
+    model = int8_qdq_model(tmp_path)
+    check_refused(tmp_path, capsys, monkeypatch, model, *needles, extra=extra)
+
+
+def test_fold_weights_leaves_int8_weights_int8(tmp_path):
+    import onnx_ir as ir
+
+    from onnxopt.passes import FoldWeightsPass
+
+    model = ir.load(int8_qdq_model(tmp_path))
+    before = onnx.load(tmp_path / "int8.onnx").graph.initializer
+    assert not FoldWeightsPass()(model).modified
+    assert sorted(v.name for v in model.graph.initializers.values()) == sorted(
+        t.name for t in before)

@@ -256,7 +256,8 @@ def _bias_corrected(trial: _Trial, result: Outcome, calib_batches, options: Int8
         return trial, result
     corrected_trial = dataclasses.replace(trial, base=base, dtypes=None)
     corrected = corrected_trial.run(())
-    gain = corrected.score - result.score
+    # equal scores (both exact, inf) gain nothing, where inf - inf would say nan
+    gain = 0.0 if corrected.score == result.score else corrected.score - result.score
     if options.bias_correction or gain > 0:
         notes.append(f"bias correction of {count} layers: worst-output SQNR {gain:+.1f} dB on "
                      "the held-out batches")

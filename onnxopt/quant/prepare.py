@@ -14,6 +14,7 @@ from onnxopt.calib import sources
 from onnxopt.errors import BadInputError
 from onnxopt.passes import FuseActivationsPass
 from onnxopt.passes._gather import MIN_TABLE_ELEMENTS
+from onnxopt.passes._graph import is_dequantized
 from onnxopt.passes._weights import computed_from_constants
 from onnxopt.passes.quantize_int8 import CONV_TRANSPOSE_FLOAT
 from onnxopt.quant.options import Int8Options
@@ -40,6 +41,11 @@ def check_quantizable(model: ir.Model, source: str) -> None:
     transposed = sum(1 for g in model.graphs() for n in g if n.op_type == "ConvTranspose")
     extra = (f"; its {transposed} ConvTranspose stay float ({CONV_TRANSPOSE_FLOAT})"
              if transposed else "")
+    already = sum(1 for g in model.graphs() for n in g if n.op_type in ("Conv", "Gemm", "MatMul")
+                  and len(n.inputs) > 1 and is_dequantized(n.inputs[1]))
+    if already:
+        extra += (f"; its {already} Conv/Gemm/MatMul layers with a weight are already int8 "
+                  "(weights read through DequantizeLinear)")
     raise BadInputError(f"{source}: nothing to quantize with --int8: no Conv, Gemm or MatMul "
                         f"with a constant float weight, no large embedding table{extra}")
 
