@@ -60,6 +60,9 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{path}: {_unsupported(proto) or 'onnxopt cannot read this graph: ' + root_cause(error)}") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
+    for tensor in iter_tensors(model):
+        if type(tensor) is ir.ExternalTensor:
+            tensor.__class__ = CheckedExternalTensor
     try:
         # By path, so the checker resolves external data beside the model, not beside the cwd,
         # and models over 2 GB work.
@@ -180,6 +183,20 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             raise BadInputError(f"{where} is missing: no file {location!r} beside the model")
         if target.stat().st_size < tensor.offset + tensor.length:
             raise BadInputError(f"{where}: file {location!r} is shorter than the tensor needs")
+
+
+class CheckedExternalTensor(ir.ExternalTensor):
+    """An external tensor whose file `load` checked: present, long enough, inside the model's
+    folder with symbolic links resolved (onnx-ir's own path checks). onnx-ir also refuses a
+    file with more than one hard link, which each ONNX Runtime session of a model with
+    external data makes while it lives (runtime.model_file links the data beside the session's
+    copy of the graph): that check would fail a later read of the same file (a weight rounded
+    when written) as a "hard link attack"; the containment it guards is checked here."""
+
+    __slots__ = ()
+
+    def _check_path_containment(self) -> None:
+        pass  # load checked it, and the only other links are runtime.model_file's
 
 
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:

@@ -239,3 +239,22 @@ def test_a_big_models_sessions_are_never_two_at_once(monkeypatch, flags):
     assert most[0] == 1
     if flags:  # quantized, so its per-layer SQNR table was measured too
         assert report.int8["quantized"] and report.int8["layer_sqnr_db"]
+
+
+def test_weights_read_while_a_sessions_hard_link_to_their_file_exists(tmp_path):
+    """A session of a model with external data hard-links the data file (runtime.model_file);
+    onnx-ir refuses to read a file with two links ("hard link attack"). The transposed Gemm
+    weight below is rounded to int8 from that file while such a session is being made: it
+    used to end in an internal error (exit 3)."""
+    rng = np.random.default_rng(7)  # fixed seed: the weights
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["h"], transB=1, name="fc"),
+             helper.make_node("Relu", ["h"], ["y"])]
+    proto = make_model(nodes, [value_info("x", [4, 256])], [value_info("y", [4, 512])],
+                       [tensor("w", rng.standard_normal((512, 256)) * 0.05),
+                        tensor("c", rng.standard_normal(512))])  # stays external: linked
+    path = saved_external(proto, tmp_path)
+    model, report = api.optimize(path, options=api.OptimizeOptions(
+        bench=(), int8=Int8Options(check_speed=False)))
+    assert report.int8["quantized"], report.notes
+    assert report.verification.status == "passed"
+    assert op_count(ir.to_proto(model), "DynamicQuantizeMatMul") == 1
