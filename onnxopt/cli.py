@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import warnings
 from typing import Annotated
 
@@ -448,8 +449,9 @@ def main() -> None:
             error.show()
         sys.exit(getattr(error, "exit_code", 2))
     except Exception as error:  # our own bugs
-        if _state["debug"]:
-            raise
+        if _state["debug"]:  # the traceback, and still exit 3 (Python's own would be 1)
+            traceback.print_exc()
+            sys.exit(3)
         stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))}; "
                      "rerun with --debug for the traceback", highlight=False, soft_wrap=True)
         sys.exit(3)

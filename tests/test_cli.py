@@ -423,6 +423,22 @@ def test_crashing_pass_is_reverted(cli_run, model_path, monkeypatch, flag):
         assert report["verification"]["status"] == "passed"
 
 
+def test_internal_error_with_debug_prints_the_traceback_and_still_exits_3(cli_run, model_path,
+                                                                          monkeypatch):
+    from onnxopt import api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom in save")
+
+    monkeypatch.setattr(api.io, "save", boom)
+    monkeypatch.setitem(cli._state, "debug", False)  # restored after: --debug sets it
+    out = model_path.parent / "out.onnx"
+    code, _, err = cli_run("--debug", "optimize", model_path, "-o", out, "--bench", "none", "-q")
+    assert code == 3  # not 1, which says "a check failed"
+    assert "Traceback" in err and "boom in save" in err
+    assert not out.exists()
+
+
 def test_internal_error_is_one_line(cli_run, model_path, monkeypatch, tmp_path):
     from onnxopt import api
 

@@ -340,3 +340,39 @@ def test_sensitivity_of_channel_groups_grows_with_the_share_cut(mlp_files, tmp_p
     for group in groups:
         assert group["weights"] == 96 and group["sqnr_db"]["0.25"] > group["sqnr_db"]["0.75"]
     assert "channel group alone cut" in stdout
+
+
+def test_a_layer_too_wide_to_refit_is_pruned_by_magnitude_and_says_why(monkeypatch):
+    """Re-fitting holds K x K sums per layer and solves in K^3: past hessian.MAX_WIDTH (here
+    150, so conv2's 24 x 3 x 3 = 216 inputs are too wide) the layer is pruned by magnitude,
+    the log says why, and no statistics of it are gathered."""
+    from onnxopt.sparsity import hessian
+
+    monkeypatch.setattr(hessian, "MAX_WIDTH", 150)
+    model = to_ir(correlated_cnn())
+    options = SparsityOptions(0.5, keep_first_last=False)
+    rebuilt = refit.reconstructed(model, options, cnn_batches(1, 4), lambda _: None)
+    assert set(rebuilt.reconstructed) == {"conv1", "conv3"}
+    [line] = [entry for entry in rebuilt.log if "'conv2'" in entry]
+    assert "by magnitude: 50.0% zero" in line and "216 wide (> 150)" in line
+    w2 = next(n for n in rebuilt.model.graph if n.name == "conv2").inputs[1].const_value.numpy()
+    assert np.mean(w2 == 0) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_channel_refit_skips_a_layer_too_wide_and_says_why(monkeypatch):
+    from onnxopt import pipeline
+    from onnxopt.sparsity import hessian
+
+    monkeypatch.setattr(hessian, "MAX_WIDTH", 200)
+    with np.load(api.default_samples_path()) as data:
+        images = data["image"][:32].astype(np.float32)
+    model = ir.load(api.default_model_path())
+    model, _, _ = pipeline.run_pipeline(model, api._build_passes(api.OptimizeOptions()),
+                                        checker=None)
+    calib = [{"image": images[i:i + 8]} for i in range(0, 32, 8)]
+    options = SparsityOptions(0.25, pattern="channels", budget=Budget(None, None))
+    result = channels.prune_channels(model, options, [], calib, calib[-1:], lambda _: None)
+    skipped = [entry for entry in result.log if "not re-fitted: its input is" in entry]
+    assert skipped and all("> 200" in entry for entry in skipped)
+    refitted = [entry for entry in result.log if entry.startswith("re-fitted ")]
+    assert refitted  # the narrow ones still are

@@ -186,8 +186,9 @@ def _random(model, specs, samples, shapes, seed) -> CalibrationData:
     batches = _RANDOM_BATCHES if samples is None else max(1, math.ceil(samples / rows))
     notes = (
         (
-            f"calibration data is RANDOM ({batches} generated batches, seed {seed}): int8 "
-            "ranges from noise do not match real inputs; pass --calib with real samples"
+            f"calibration data is RANDOM ({batches} generated batches, seed {seed}): what "
+            "is measured on noise (int8 ranges, which weights matter) does not match real "
+            "inputs; pass --calib with real samples"
         ),
         *guesses,
     )

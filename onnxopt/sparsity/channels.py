@@ -35,7 +35,7 @@ from onnxopt.passes.prune_channels import (
     PruneChannelsPass,
     channel_groups,
 )
-from onnxopt.sparsity import reconstruct, refit, summary, teacher
+from onnxopt.sparsity import hessian, reconstruct, refit, summary, teacher
 from onnxopt.sparsity.options import Candidate, SparsityOptions, SparsityResult
 
 __all__ = ["activation_scores", "prune_channels"]
@@ -179,13 +179,20 @@ def _refitted(dense: ir.Model, candidate: Candidate, groups, batches) -> Candida
     """`candidate` with every reading layer re-fitted to the dense model's outputs."""
     pruned = candidate.model
     dense_nodes = {n.name: n for n in dense.graph}
-    readers = {n: teacher.Reader(n, dense_nodes[n.name]) for n in pruned.graph
-               if n.name in set(candidate.pruned) and n.name in dense_nodes and _solvable(n)}
+    chosen = [n for n in pruned.graph if n.name in set(candidate.pruned)
+              and n.name in dense_nodes and _solvable(n)]
     log, done = list(candidate.log), set()
+    for node in chosen:
+        why = hessian.too_wide(node)
+        if why:
+            log.append(f"kept {describe(node)} as pruned, not re-fitted: {why}")
+    readers = {n: teacher.Reader(n, dense_nodes[n.name]) for n in chosen
+               if hessian.too_wide(n) is None}
     names = NameSource(pruned.graph)
     layers = [Layer(n, n.inputs[1], 1, not teacher.is_nk(n)) for n in readers]
     for wave in refit.waves(pruned, layers):
-        wave_readers = [readers[layer.node] for layer in wave]
+        # a wave's readers leave the dict: their K x K sums go once solved, not at the end
+        wave_readers = [readers.pop(layer.node) for layer in wave]
         teacher.accumulate(dense, pruned, wave_readers, batches)
         for reader in wave_readers:
             kept = _kept_outputs(reader.dense, groups, candidate.removed)

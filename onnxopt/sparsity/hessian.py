@@ -20,10 +20,15 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["CrossMoment", "InputHessian", "LayerInput", "MAX_CHUNK_BYTES", "layer_input",
-           "unfold"]
+__all__ = ["CrossMoment", "InputHessian", "LayerInput", "MAX_CHUNK_BYTES", "MAX_WIDTH",
+           "layer_input", "too_wide", "unfold"]
 
 MAX_CHUNK_BYTES = 64 << 20  # one unfolded slice in float64; the sums do not depend on it
+# The widest input (K per group) a layer is re-fitted for: at 6144 its two K × K float64 sums
+# are 0.3 GB each and a solve holds two more (ResNet's last stage, K = 512 · 3 · 3 = 4608,
+# fits; so does a 4096-wide transformer). A 3-D Conv of 512 channels (K = 13824) would take
+# 1.5 GB per matrix and minutes per layer.
+MAX_WIDTH = 6144
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,27 @@ def layer_input(node: ir.Node) -> LayerInput:
         tuple(attrs.get_ints("pads", (0,) * 2 * rank)),
         tuple(attrs.get_ints("dilations", (1,) * rank)), attrs.get_int("group", 1),
         attrs.get_string("auto_pad", "NOTSET"))
+
+
+def too_wide(node: ir.Node) -> str | None:
+    """Why a Conv/Gemm/MatMul is not re-fitted from its input statistics: its unfolded input
+    is wider than MAX_WIDTH (the reason, for the log), else None."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    tensor = weight.const_value if weight is not None else None
+    shape = tuple(tensor.shape if tensor is not None else (weight.shape or ()) if weight else ())
+    if not shape or not all(isinstance(d, int) for d in shape):
+        return None
+    if node.op_type == "Conv":
+        width = int(np.prod(shape[1:]))
+    elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        width = shape[-1]
+    else:
+        width = shape[0]
+    if width <= MAX_WIDTH:
+        return None
+    gigabytes = (width + 1) ** 2 * 8 / 1e9
+    return (f"its input is {width} wide (> {MAX_WIDTH}): re-fitting would hold "
+            f"{gigabytes:.1f} GB sums and solve for {width}³")
 
 
 def unfold(x: np.ndarray, spec: LayerInput) -> np.ndarray:

@@ -17,8 +17,9 @@ describe the calibration batches.
 Order: layers are grouped in waves (a layer's wave is the longest chain of prunable layers
 before it); each wave's inputs are measured on the model with every earlier wave already pruned
 and re-fitted. Memory: per layer two (K+1)² float64 matrices, accumulated batch by batch; one
-batch of activations of each model at a time. ConvTranspose has no unfolded input here: it is
-pruned by magnitude, and the log says so.
+batch of activations of each model at a time. ConvTranspose has no unfolded input here, and an
+input wider than hessian.MAX_WIDTH would take GBs and minutes: those are pruned by magnitude,
+and the log says so.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import onnx_ir as ir
 from onnxopt.inputs import Feeds
 from onnxopt.passes import _sparsity
 from onnxopt.passes._graph import NameSource, describe
-from onnxopt.sparsity import reconstruct, teacher
+from onnxopt.sparsity import hessian, reconstruct, teacher
 from onnxopt.sparsity.options import Candidate, SparsityOptions
 
 __all__ = ["MAX_BATCHES", "layer_targets", "reconstructed", "waves"]
@@ -94,11 +95,12 @@ def reconstructed(model: ir.Model, options: SparsityOptions, batches: Sequence[F
 
 
 def _fits(layer: _sparsity.Layer, options: SparsityOptions) -> bool:
-    """Whether the layer is re-fitted: it can take the pattern, and its input unfolds."""
+    """Whether the layer is re-fitted: it can take the pattern, and its input unfolds and is
+    not too wide (hessian.too_wide)."""
     n_m = options.n_m
     if n_m is not None and layer.input_channels % n_m[1]:
         return False
-    return layer.node.op_type != "ConvTranspose"
+    return layer.node.op_type != "ConvTranspose" and hessian.too_wide(layer.node) is None
 
 
 def _prune_layer(layer: _sparsity.Layer, target: float, n_m, reader: teacher.Reader | None,
@@ -111,8 +113,8 @@ def _prune_layer(layer: _sparsity.Layer, target: float, n_m, reader: teacher.Rea
         keep = (_sparsity.n_m_mask(rows, *n_m) if n_m is not None else
                 _sparsity.magnitude_mask(np.abs(rows), int(round(target * rows.size))))
         _sparsity.write_weight(layer, _sparsity.from_rows(layer, rows * keep))
-        return (f"pruned {describe(layer.node)} by magnitude: {target:.1%} zero "
-                f"({layer.node.op_type} is not re-fitted)")
+        why = hessian.too_wide(layer.node) or f"{layer.node.op_type} is not re-fitted"
+        return f"pruned {describe(layer.node)} by magnitude: {target:.1%} zero ({why})"
     rows, bias = teacher.rows_and_bias(reader.dense)
     has_bias = teacher.bias_input(layer.node) is not None or layer.node.op_type != "MatMul"
     per_group = rows.shape[0] // layer.group
