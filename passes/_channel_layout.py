@@ -174,7 +174,12 @@ class ChannelBuilder:
         return None if value.shape is None else tuple(_dim(d) for d in value.shape)
 
     def rank(self, value: ir.Value | None) -> int | None:
+        """From shape inference, else from the sizes observed at run time (`shapes`): ONNX
+        inference leaves some outputs without a shape (Swin at opset 13: its MatMuls after a
+        decomposed LayerNormalization)."""
         dims = self.dims(value)
+        if dims is None and value is not None and value.name in self._sized:
+            return len(self._sized[value.name])
         return None if dims is None else len(dims)
 
     def carry(self, value: ir.Value | None, node: ir.Node, axis: int, rank: int,

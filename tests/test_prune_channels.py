@@ -568,3 +568,23 @@ def test_real_exports_prune_and_run(name):
     assert len(refused) == 1 and "feeds graph output 'output'" in refused[0]
     feeds = feeds_for(proto, batch=3)
     assert [o.shape for o in run(model, feeds)] == [o.shape for o in run(proto, feeds)]
+
+
+def test_a_rank_shape_inference_cannot_give_comes_from_the_observed_sizes():
+    """x is reshaped to a shape fed at run time, so ONNX shape inference knows neither the
+    Reshape's nor fc1's output rank; the sizes seen at run time (what `--sparsity-pattern
+    channels` passes) give it, and fc1's channels can be pruned."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Reshape", ["x", "target"], ["flat"], name="reshape"),
+             helper.make_node("MatMul", ["flat", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    proto = make_model(nodes, [value_info("x", [2, 3, 16]),
+                               value_info("target", [None], onnx.TensorProto.INT64)],
+                       [value_info("y", [None, 8])],
+                       [tensor("w1", rng.standard_normal((16, 32))),
+                        tensor("w2", rng.standard_normal((32, 8)))])
+    model = to_ir(proto)
+    observed = {"flat": (6, 16), "h": (6, 32), "r": (6, 32)}
+    [group] = [g for g in channel_groups(model, observed) if g.channels == 32]
+    assert group.refused is None  # was: "the output rank of 'fc1' (MatMul) is unknown"
