@@ -275,9 +275,8 @@ def test_reconstruction_of_a_cnn_beats_magnitude_on_held_out_images(pattern):
     assert set(rebuilt.reconstructed) == {"conv1", "conv2", "conv3"}
 
 
-def test_channel_pruning_the_default_keeps_top1_within_a_point_at_a_quarter_of_the_macs():
-    """The issue's target on the embedded default: >= 25% of the MACs removed, top-1 on the
-    192 digits not used for calibration within 1 point of dense, no training."""
+def default_after_the_pipeline() -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """The embedded default after onnxopt's exact passes, its bundled images and labels."""
     from onnxopt import pipeline
 
     with np.load(api.default_samples_path()) as data:
@@ -285,6 +284,13 @@ def test_channel_pruning_the_default_keeps_top1_within_a_point_at_a_quarter_of_t
     model = ir.load(api.default_model_path())
     model, _, _ = pipeline.run_pipeline(model, api._build_passes(api.OptimizeOptions()),
                                         checker=None)
+    return model, images, labels
+
+
+def test_channel_pruning_the_default_keeps_top1_within_a_point_at_a_quarter_of_the_macs():
+    """The issue's target on the embedded default: >= 25% of the MACs removed, top-1 on the
+    192 digits not used for calibration within 1 point of dense, no training."""
+    model, images, labels = default_after_the_pipeline()
     calib = [{"image": images[i:i + 8]} for i in range(0, 64, 8)]
     options = SparsityOptions(0.25, pattern="channels", budget=Budget(None, None))
     result = channels.prune_channels(model, options, [], calib, calib[-2:], lambda _: None)
@@ -360,15 +366,10 @@ def test_a_layer_too_wide_to_refit_is_pruned_by_magnitude_and_says_why(monkeypat
 
 
 def test_channel_refit_skips_a_layer_too_wide_and_says_why(monkeypatch):
-    from onnxopt import pipeline
     from onnxopt.sparsity import hessian
 
     monkeypatch.setattr(hessian, "MAX_WIDTH", 200)
-    with np.load(api.default_samples_path()) as data:
-        images = data["image"][:32].astype(np.float32)
-    model = ir.load(api.default_model_path())
-    model, _, _ = pipeline.run_pipeline(model, api._build_passes(api.OptimizeOptions()),
-                                        checker=None)
+    model, images, _ = default_after_the_pipeline()
     calib = [{"image": images[i:i + 8]} for i in range(0, 32, 8)]
     options = SparsityOptions(0.25, pattern="channels", budget=Budget(None, None))
     result = channels.prune_channels(model, options, [], calib, calib[-1:], lambda _: None)
