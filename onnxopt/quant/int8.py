@@ -279,11 +279,10 @@ def layer_sqnr(float_model: ir.Model, int8_model: ir.Model, log: list[str], feed
     signal: dict[str, float] = dict.fromkeys(names, 0.0)
     noise: dict[str, float] = dict.fromkeys(names, 0.0)
     # prepack off: two batches do not repay it (see runtime.make_session)
-    reference = activations.iter_activations(float_model, feeds, names, prepack=False)
+    floats = activations.iter_activations(float_model, feeds, names, prepack=False)
     if io.weight_bytes(float_model) + io.weight_bytes(int8_model) > ONE_SESSION_BYTES:
-        reference = list(reference)  # one session at a time: the float one's outputs kept
-    pairs = zip(reference, activations.iter_activations(int8_model, feeds, names,
-                                                        prepack=False))
+        floats = list(floats)  # one session at a time: the float one's outputs kept
+    pairs = zip(floats, activations.iter_activations(int8_model, feeds, names, prepack=False))
     for reference, got in pairs:
         for name in names:
             a = reference[name].astype(np.float64)
