@@ -13,7 +13,7 @@ from onnxopt.errors import BadInputError
 
 __all__ = ["constant", "constant_tensor", "float32_blocks", "describe", "all_graphs", "NameSource", "matching_node_names",
            "opset_version", "annotate_ranks", "rank_of", "new_initializer", "new_lazy_initializer",
-           "tensor_chunks", "is_dequantized"]
+           "tensor_chunks", "is_dequantized", "new_switch", "select"]
 
 _RANK_KEY = "onnxopt.rank"
 
@@ -172,3 +172,29 @@ def new_lazy_initializer(graph: ir.Graph, names: NameSource, base: str, dtype: i
                      const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def new_switch(graph: ir.Graph, names: NameSource, base: str) -> ir.Value:
+    """A boolean scalar graph input named after `base`: one model then runs as several
+    variants of itself in one session (the accuracy budget's ranking of layers)."""
+    value = ir.Value(name=names(base), shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL))
+    graph.inputs.append(value)
+    return value
+
+
+def select(graph: ir.Graph, names: NameSource, condition: ir.Value, when_true: ir.Value,
+           when_false: ir.Value, readers: Sequence, after: ir.Node | None = None
+           ) -> None:
+    """`readers` (uses of `when_true`) read Where(condition, when_true, when_false) instead;
+    the Where goes after `after`, or else just before the first of the readers."""
+    where = ir.node("Where", [condition, when_true, when_false],
+                    name=names(f"{when_true.name}_switch"))
+    where.outputs[0].name = names(f"{when_true.name}_switched")
+    where.outputs[0].type, where.outputs[0].shape = when_true.type, when_true.shape
+    if after is not None:
+        graph.insert_after(after, where)
+    else:
+        reading = {use.node for use in readers}
+        graph.insert_before(next(node for node in graph if node in reading), where)
+    for use in readers:
+        use.node.replace_input_with(use.idx, where.outputs[0])

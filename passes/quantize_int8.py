@@ -43,7 +43,15 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxopt.passes import _gather, _qdq
-from onnxopt.passes._graph import NameSource, constant, describe, new_initializer, opset_version
+from onnxopt.passes._graph import (
+    NameSource,
+    constant,
+    describe,
+    new_initializer,
+    new_switch,
+    opset_version,
+    select,
+)
 from onnxopt.passes._qdq import cpu_needs_reduce_range, optimized_kernel_counts, ort_kernel_counts
 from onnxopt.passes._report import PassReport
 
@@ -348,11 +356,8 @@ def with_switches(model: ir.Model, options: QuantizeInt8Options,
     before = set(graph)  # the nodes the pass found (it adds the Q/DQ and lookups)
     QuantizeInt8Pass(options)(work)
     names = NameSource(graph)
-    switches = {}
-    for layer in [n for n in layers if n in off or n in tables]:
-        switches[layer] = ir.Value(name=names(f"{layer}_int8_on"), shape=ir.Shape([]),
-                                   type=ir.TensorType(ir.DataType.BOOL))
-        graph.inputs.append(switches[layer])
+    switches = {layer: new_switch(graph, names, f"{layer}_int8_on") for layer in layers
+                if layer in off or layer in tables}
     conditions: dict[frozenset, ir.Value] = {}
 
     def condition(layers_off: frozenset) -> ir.Value:
@@ -369,14 +374,7 @@ def with_switches(model: ir.Model, options: QuantizeInt8Options,
 
     def choose(layers_off: frozenset, quantized: ir.Value, exact: ir.Value, after: ir.Node,
                readers: list) -> None:
-        """`readers` (uses of `quantized`) read Where(condition, quantized, exact) instead."""
-        where = ir.node("Where", [condition(layers_off), quantized, exact],
-                        name=names("int8_switch"))
-        where.outputs[0].name = names(f"{quantized.name}_switched")
-        where.outputs[0].type, where.outputs[0].shape = quantized.type, quantized.shape
-        graph.insert_after(after, where)
-        for use in readers:
-            use.node.replace_input_with(use.idx, where.outputs[0])
+        select(graph, names, condition(layers_off), quantized, exact, readers, after)
 
     for site_name, (node, originals) in constants.items():
         layers_off = frozenset(layer for layer, sites_off in off.items() if site_name in sites_off)

@@ -181,13 +181,13 @@ def _refitted(dense: ir.Model, candidate: Candidate, groups, batches) -> Candida
     dense_nodes = {n.name: n for n in dense.graph}
     chosen = [n for n in pruned.graph if n.name in set(candidate.pruned)
               and n.name in dense_nodes and _solvable(n)]
-    log, done = list(candidate.log), set()
+    log, done, readers = list(candidate.log), set(), {}
     for node in chosen:
         why = hessian.too_wide(node)
         if why:
             log.append(f"kept {describe(node)} as pruned, not re-fitted: {why}")
-    readers = {n: teacher.Reader(n, dense_nodes[n.name]) for n in chosen
-               if hessian.too_wide(n) is None}
+        else:
+            readers[node] = teacher.Reader(node, dense_nodes[node.name])
     names = NameSource(pruned.graph)
     layers = [Layer(n, n.inputs[1], 1, not teacher.is_nk(n)) for n in readers]
     for wave in refit.waves(pruned, layers):

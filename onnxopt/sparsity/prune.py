@@ -29,7 +29,7 @@ from onnxopt.errors import BadInputError
 from onnxopt.inputs import Feeds
 from onnxopt.measure import budget, verify
 from onnxopt.passes import PruneWeightsOptions, PruneWeightsPass, _sparsity
-from onnxopt.passes._graph import NameSource
+from onnxopt.passes._graph import NameSource, new_switch, select
 from onnxopt.sparsity import channels, refit, summary
 from onnxopt.sparsity.options import CHANNELS, Candidate, SparsityOptions, SparsityResult
 
@@ -187,17 +187,11 @@ def _with_switches(pruned: ir.Model, dense: ir.Model,
         weight = node.inputs[1]
         if sharing[weight] > 1:
             continue
-        switch = ir.Value(name=source(f"{node.name}_pruned_on"), shape=ir.Shape([]),
-                          type=ir.TensorType(ir.DataType.BOOL))
-        graph.inputs.append(switch)
+        switch = new_switch(graph, source, f"{node.name}_pruned_on")
         dense_value = ir.Value(name=source(f"{weight.name}_dense"),
                                const_value=dense_weights[node.name])
         graph.register_initializer(dense_value)
-        where = ir.node("Where", [switch, weight, dense_value], name=source(f"{node.name}_switch"))
-        uses = [u for u in weight.uses() if u.node is not where]
-        graph.insert_before(node, where)
-        for use in uses:
-            use.node.replace_input_with(use.idx, where.outputs[0])
+        select(graph, source, switch, weight, dense_value, list(weight.uses()))
         switches[node.name] = switch.name
     return copy, switches
 
